@@ -1,0 +1,7 @@
+"""Executed by MLflow when the pyfunc model loads ("models from code"); never imported by the project."""
+
+import mlflow
+
+from flows.mlflow_model import AttentionLM
+
+mlflow.models.set_model(AttentionLM())
