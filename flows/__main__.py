@@ -6,6 +6,7 @@ Errors a user can cause print one line on stderr and exit with code 2; `--debug`
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -23,6 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole pipeline once (prepare, train, evaluate, register)")
     _add_config_args(run)
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    submit = sub.add_parser("submit", help="submit `run` with this config as a Ray Job to a cluster")
+    submit.add_argument("--address", help="Ray dashboard (Jobs API) of the cluster, e.g. http://HEAD:8265 "
+                        "(default: $RAY_API_SERVER_ADDRESS)")
+    _add_config_args(submit)
+    submit.add_argument("--no-wait", dest="wait", action="store_false",
+                        help="return after submitting instead of streaming the job's logs")
+    submit.add_argument("--pip", action=argparse.BooleanOptionalAction, default=True,
+                        help="install pyproject.toml's requirements (minus ray) in the job's runtime env; "
+                        "--no-pip when the cluster's image already holds the project")
+    submit.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
@@ -44,13 +55,43 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from flows.submit import submit_pipeline
+
+    return submit_pipeline(args.address, config=args.config, overrides=args.overrides, wait=args.wait, pip=args.pip)
+
+
+class _NoUserErrorTracebacks(logging.Filter):
+    """Drop Prefect's traceback records for mistakes in the user's input: without --debug the CLI
+    reports those in one line. Tracebacks of real bugs are kept (and the CLI re-raises them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from flows.errors import is_user_error
+
+        if record.exc_info and record.exc_info[1] is not None:
+            return not is_user_error(record.exc_info[1])
+        message = record.getMessage()
+        return not ("Traceback (most recent call last)" in message
+                    and ("flows.errors.UserError" in message or "attention_core.config.ConfigError" in message))
+
+
+def _hide_user_error_tracebacks() -> None:
+    import prefect  # noqa: F401 - its logging set-up must come first, or it drops our filters
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoUserErrorTracebacks())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.errors import is_user_error
 
+    if not args.debug:
+        _hide_user_error_tracebacks()
     try:
-        return {"run": cmd_run}[args.command](args)
+        return {"run": cmd_run, "submit": cmd_submit}[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the CLI decides how errors look
         if args.debug or not is_user_error(exc):
             raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -146,8 +147,10 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["mfu"] = flops_per_token * tps / (peak * world)
             if rank == 0:
                 eta = (now - t_start) / (done - start_step) * (tc.max_steps - done)
-                print(f"step {done}/{tc.max_steps} loss {result.loss:.4f} lr {lr:.2e} "
-                      f"{tps / 1e3:.1f}k tok/s ETA {eta:.0f}s", flush=True)
+                # sys.stdout.write, not print: Ray Train tees print() to its logger, doubling lines.
+                sys.stdout.write(f"step {done}/{tc.max_steps} loss {result.loss:.4f} lr {lr:.2e} "
+                                 f"{tps / 1e3:.1f}k tok/s ETA {eta:.0f}s\n")
+                sys.stdout.flush()
         if done % tc.eval_interval == 0 or done == tc.max_steps:
             metrics["val_loss"] = _all_reduce_mean(estimate_val_loss(model, val_tokens, cfg, rank, device))
         if rank == 0 and metrics:
