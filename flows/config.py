@@ -89,6 +89,12 @@ class TrainSection(_Section):
     log_interval: int = Field(10, ge=1, description="Steps between metric logs.")
     checkpoint_interval: int = Field(100, ge=1, description="Steps between checkpoints (plus one at the end).")
     num_to_keep: int = Field(2, ge=1, description="Checkpoints kept by Ray Train.")
+    checkpoint_score: Literal["step", "val_loss"] = Field(
+        "step", description="Which checkpoints Ray Train keeps: the latest ('step') or the best ('val_loss')."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the workers: STRICT_SPREAD puts each on its own node."
+    )
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from by restarting from the last checkpoint.")
     seed: int = Field(1337, description="Seed for initialisation and batch sampling.")
     ray_address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray).")

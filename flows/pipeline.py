@@ -57,13 +57,14 @@ def train_model_task(cfg: PipelineConfig, data: PreparedData) -> TrainResult:
     """Train on Ray; a retry resumes the same Ray Train run from its last checkpoint."""
     import ray
 
-    from flows.train import ensure_ray, train_model
+    from flows.train import ensure_ray, fault_from_env, train_model
 
     uri, run_id = _mlflow_run(cfg)
     run_name = cfg.train.run_name or f"train-{_flow_run_id()}"
     started = ensure_ray(cfg)
     try:
-        return train_model(cfg, data, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id)
+        return train_model(cfg, data, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id,
+                           fault=fault_from_env())
     finally:
         if started:
             ray.shutdown()

@@ -36,9 +36,10 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One real local Ray instance shared by the integration tests (starting one costs seconds)."""
+    """A real local Ray instance shared by a module's tests (starting one costs seconds); per module
+    so that a module can run its own multi-node cluster instead."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
