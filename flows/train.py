@@ -222,8 +222,13 @@ def _progress(done: int, total: int, loss: float, lr: float, tps: float, sec_per
 
 
 def _inject_fault(fault: FaultInjection) -> None:
+    import ray.train
+
     marker = Path(fault.marker)
     if not marker.exists():
+        # Die like a crash some time after the checkpoint, not inside report(): wait until the
+        # controller has registered it (a kill within its poll interval would lose the report).
+        ray.train.get_all_reported_checkpoints()
         marker.write_text(str(os.getpid()))
         os.kill(os.getpid(), signal.SIGKILL)
 

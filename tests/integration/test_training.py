@@ -54,10 +54,13 @@ def test_sigkilled_worker_resumes_bitwise_exactly(tmp_path: Path, corpus: Path, 
     clean = train_model(cfg, data, run_name="uninterrupted")
 
     marker = tmp_path / "killed"
-    killed = train_model(cfg, data, run_name="killed",
+    uri, client, run_id = _mlflow_run(tmp_path)
+    killed = train_model(cfg, data, run_name="killed", tracking_uri=uri, mlflow_run_id=run_id,
                          fault=FaultInjection(after_step=8, marker=str(marker)))
 
     assert marker.exists(), "the worker was not killed"
+    # logged at 3 and 6 before the kill, 9 and 12 after: resumed at step 9, not restarted
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [3, 6, 9, 12]
     assert Path(killed.checkpoint_path).name == "checkpoint_00000012"
     a, b = _weights(clean.checkpoint_path), _weights(killed.checkpoint_path)
     assert a.keys() == b.keys()
