@@ -83,3 +83,21 @@ def test_two_ddp_workers_match_one_worker_with_twice_the_batch(tmp_path: Path, c
     # same global batch, gradients averaged over ranks: equal up to float reduction order
     assert curve[run_two] == pytest.approx(curve[run_one], rel=1e-4, abs=1e-4)
     assert curve[run_one][-1] < curve[run_one][0]
+
+
+def test_fsdp2_trains_checkpoints_and_resumes(tmp_path: Path, corpus: Path, ray_local):
+    from attention_core import load_weights, Transformer
+    from flows.train import model_config_for
+
+    cfg, data = _setup(tmp_path, corpus, "train.strategy=fsdp", "train.num_workers=2", "train.max_steps=8",
+                       "train.max_failures=1")
+    uri, client, run_id = _mlflow_run(tmp_path)
+    marker = tmp_path / "killed"
+    result = train_model(cfg, data, run_name="fsdp", tracking_uri=uri, mlflow_run_id=run_id,
+                         fault=FaultInjection(after_step=4, marker=str(marker)))
+
+    assert marker.exists()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [3, 6, 8]
+    # the checkpoint holds full (unsharded) weights that a plain model loads
+    model = Transformer(model_config_for(cfg, data.vocab_size))
+    load_weights(model, Path(result.checkpoint_path) / "model.safetensors")
