@@ -1,0 +1,257 @@
+"""Submit the pipeline to a Ray cluster as a Ray Job: `python -m flows submit --address http://HEAD:8265`.
+
+The job runs `python -m flows run` with the same config as a local run (the YAML file's sections and
+the `--set` overrides travel in the entrypoint), the project directory as the runtime env's
+working_dir (without .venv, workdir, .git, secrets and large files), the project's pip requirements
+from pyproject.toml minus Ray itself (the cluster already runs Ray; `--no-pip` skips the install for
+images that hold the project), and MLFLOW_TRACKING_URI / PREFECT_API_URL passed through. Nothing
+else from this machine's environment is shipped: credentials for MLflow or S3 belong on the cluster
+nodes, and the Ray token (RAY_AUTH_TOKEN) only authenticates this client's requests.
+An unreachable dashboard or a rejected token is a `UserError` (one line, exit code 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+import yaml
+
+from flows.config import load_config
+from flows.errors import UserError
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")
+# Paths (gitignore syntax, relative to the project) never uploaded; Ray also honours .gitignore.
+SKIP_DIRS = [".git", ".venv", "venv", "workdir", "mlruns", "__pycache__", ".pytest_cache", ".hypothesis",
+             "build", "dist", ".ci"]
+EXCLUDES = SKIP_DIRS + [
+    "*.egg-info", "mlflow.db", ".env", ".env.*", "*.pem", "*.key",
+    "*.pt", "*.ckpt", "*.safetensors", "*.bin", "*.npy", "*.tar", "*.tar.gz", "*.zip",
+]
+LARGE_FILE_BYTES = 10 * 2**20  # anything bigger is data, not code: left out of the upload
+NOT_SHIPPED_REQUIREMENTS = {"ray"}  # the cluster's Ray must match its nodes; never reinstalled per job
+CONNECT_TIMEOUT_S = 10.0
+
+
+# --------------------------------------------------------------------------------- what is shipped
+def pip_requirements(pyproject: Path = PROJECT_DIR / "pyproject.toml") -> list[str]:
+    """[project].dependencies of pyproject.toml, minus Ray (already on every node of the cluster)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    if not pyproject.is_file():
+        raise UserError(f"{pyproject} not found: `flows submit` runs from the project checkout")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the installed project's metadata holds the same list
+        from importlib.metadata import requires
+
+        deps = [r for r in requires("attention-pipeline") or [] if "extra ==" not in r]
+    else:
+        deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    return [d for d in deps if canonicalize_name(Requirement(d).name) not in NOT_SHIPPED_REQUIREMENTS]
+
+
+def large_file_excludes(project_dir: Path, limit: int = LARGE_FILE_BYTES) -> list[str]:
+    """Anchored excludes for files above `limit` bytes outside the directories excluded anyway."""
+    found = []
+    for root, dirs, files in os.walk(project_dir):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info"))
+        for name in sorted(files):
+            path = Path(root) / name
+            try:
+                big = path.is_file() and not path.is_symlink() and path.stat().st_size > limit
+            except OSError:
+                continue
+            if big:
+                found.append("/" + path.relative_to(project_dir).as_posix())
+    return found
+
+
+def build_runtime_env(project_dir: Path = PROJECT_DIR, *, pip: bool = True,
+                      environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's runtime_env: working_dir + excludes, pip requirements (optional), passed-through env."""
+    environ = os.environ if environ is None else environ
+    env_vars = {k: environ[k] for k in PASSTHROUGH_ENV if environ.get(k)}
+    env_vars["PYTHONUNBUFFERED"] = "1"  # stream the driver's prints as they happen
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(project_dir),
+        "excludes": EXCLUDES + large_file_excludes(project_dir),
+        "env_vars": env_vars,
+    }
+    if pip:
+        runtime_env["pip"] = {"packages": pip_requirements(project_dir / "pyproject.toml"), "pip_check": False}
+        runtime_env["config"] = {"setup_timeout_seconds": 1800}  # a first torch install takes minutes
+    return runtime_env
+
+
+def _flow_yaml(value: Any) -> str:
+    """One YAML flow-style value that `--set` reads back unchanged (yaml.safe_load round-trips it)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...").rstrip("\n")
+
+
+def pipeline_args(config: str | None, overrides: Iterable[str]) -> list[str]:
+    """`run` arguments reproducing this config on the cluster: each top-level key of the YAML file
+    as one `--set key=<flow YAML>`, then the user's overrides. Validated here, before any upload."""
+    overrides = list(overrides)
+    load_config(config, overrides)  # a bad key or value fails here, naming it, not on the cluster
+    args: list[str] = []
+    if config is not None:
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        for key, value in data.items():
+            args += ["--set", f"{key}={_flow_yaml(value)}"]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
+def build_entrypoint(config: str | None, overrides: Iterable[str]) -> str:
+    return shlex.join(["python", "-m", "flows", "run", *pipeline_args(config, overrides)])
+
+
+# --------------------------------------------------------------------------------- the cluster
+def _auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Bearer header from RAY_AUTH_TOKEN or the file named by RAY_AUTH_TOKEN_PATH (Ray token auth).
+    Without either, Ray's client adds ~/.ray/auth_token itself when RAY_AUTH_MODE=token."""
+    environ = os.environ if environ is None else environ
+    token = environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as err:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the token ({err.strerror})") from None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def normalize_address(address: str | None) -> str:
+    """http(s)://host:port of the Ray dashboard (Jobs API); a bare host:port gets http://."""
+    address = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or "").strip().rstrip("/")
+    if not address:
+        raise UserError("--address is required: the Ray dashboard, e.g. http://HEAD:8265")
+    if address.startswith("ray://"):
+        raise UserError(f"--address {address}: give the dashboard (Jobs API) address, e.g. http://HEAD:8265, "
+                        "not a Ray Client address")
+    if "://" not in address:
+        address = f"http://{address}"
+    if not address.startswith(("http://", "https://")):
+        raise UserError(f"--address {address}: expected http://HOST:8265 or https://HOST")
+    return address
+
+
+def _auth_error(address: str, status: int) -> UserError:
+    if status == 401:
+        return UserError(f"the Ray cluster at {address} requires a token (Ray token authentication): "
+                         "set RAY_AUTH_TOKEN to the cluster's token")
+    return UserError(f"the Ray cluster at {address} rejected the token (HTTP 403): "
+                     "RAY_AUTH_TOKEN does not match the cluster's token")
+
+
+def check_cluster(address: str, headers: dict[str, str], timeout: float = CONNECT_TIMEOUT_S) -> str:
+    """GET /api/version with a timeout; returns the cluster's Ray version or raises UserError."""
+    import requests
+
+    url = f"{address}/api/version"
+    try:
+        r = requests.get(url, headers=headers, timeout=timeout)
+    except requests.exceptions.SSLError as err:
+        raise UserError(f"TLS error talking to {address}: {str(err).splitlines()[0][:200]}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout):
+        raise UserError(f"cannot reach the Ray dashboard at {address}: is the cluster up and its dashboard "
+                        "port (8265) reachable from here?") from None
+    if r.status_code in (401, 403):
+        raise _auth_error(address, r.status_code)
+    try:
+        version = r.json()["ray_version"] if r.ok else None
+    except (ValueError, KeyError, TypeError):
+        version = None
+    if not version:
+        raise UserError(f"{address} does not answer as a Ray dashboard with the Jobs API "
+                        f"(GET /api/version: HTTP {r.status_code}); the cluster needs ray[default]")
+    return version
+
+
+def connect(address: str, environ: dict[str, str] | None = None):
+    """A JobSubmissionClient for a reachable, authorised cluster at a normalized address (else UserError)."""
+    headers = _auth_headers(environ)
+    check_cluster(address, headers)  # before importing Ray: a wrong address fails in milliseconds
+    from ray.job_submission import JobSubmissionClient
+
+    with _as_user_errors(address):
+        return JobSubmissionClient(address, headers=headers or None)
+
+
+@contextmanager
+def _as_user_errors(address: str):
+    """Turns the client's connection and authentication failures into one-line UserErrors."""
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as err:
+        raise _auth_error(address, 403 if "failed" in str(err).lower() else 401) from None
+    except (ConnectionError, requests.exceptions.ConnectionError):
+        raise UserError(f"lost the connection to the Ray dashboard at {address}") from None
+
+
+# --------------------------------------------------------------------------------- submit
+def new_submission_id() -> str:
+    return f"attention-pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+async def _stream_logs(client, job_id: str, out: TextIO) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        out.write(chunk)
+        out.flush()
+
+
+def wait_for_job(client, job_id: str, out: TextIO, poll_s: float = 2.0):
+    """Stream the job's logs until it ends; returns its final JobStatus."""
+    try:
+        asyncio.run(_stream_logs(client, job_id, out))
+    except Exception as err:  # noqa: BLE001 - a dropped log stream must not lose the job's outcome
+        print(f"[submit] log stream ended early ({type(err).__name__}); waiting for the job to finish",
+              file=sys.stderr)
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        time.sleep(poll_s)
+    return status
+
+
+def submit_pipeline(address: str | None, *, config: str | None = None, overrides: Iterable[str] = (),
+                    wait: bool = True, pip: bool = True, project_dir: Path = PROJECT_DIR,
+                    out: TextIO | None = None) -> int:
+    """Submit `python -m flows run` as a Ray Job; with `wait`, stream its logs and return 0 on SUCCEEDED."""
+    out = out or sys.stdout
+    entrypoint = build_entrypoint(config, overrides)
+    runtime_env = build_runtime_env(project_dir, pip=pip)
+    address = normalize_address(address)
+    client = connect(address)
+    with _as_user_errors(address):
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                   submission_id=new_submission_id(),
+                                   metadata={"project": "attention-pipeline"})
+        print(f"[submit] job {job_id} submitted to {address}: {entrypoint}", file=out, flush=True)
+        if not wait:
+            print(f"[submit] follow it with: ray job logs --follow --address {address} {job_id}", file=out)
+            return 0
+        try:
+            status = wait_for_job(client, job_id, out)
+        except KeyboardInterrupt:
+            print(f"\n[submit] detached; job {job_id} keeps running. "
+                  f"Stop it with: ray job stop --address {address} {job_id}", file=sys.stderr)
+            return 130
+    info = client.get_job_info(job_id)
+    # The message repeats the job's last logs, already streamed above: its first line is enough.
+    detail = f": {info.message.splitlines()[0]}" if info.message and str(status) != "SUCCEEDED" else ""
+    print(f"[submit] job {job_id} {status}{detail}", file=out, flush=True)
+    return 0 if str(status) == "SUCCEEDED" else 1
