@@ -80,7 +80,10 @@ class TrainSection(_Section):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU when use_gpu).")
     use_gpu: bool = Field(False, description="One GPU per worker (NCCL); else CPU workers (gloo).")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
+    cpus_per_worker: int | None = Field(
+        None, ge=1, description="CPUs Ray reserves per worker (and its torch threads); default: the "
+        "cluster's CPUs divided among the workers, so one CPU worker on a laptop uses every core."
+    )
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallelism: DDP or FSDP2.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile the model.")

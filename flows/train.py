@@ -138,6 +138,7 @@ def _autocast(device: torch.device, dtype):
 # --------------------------------------------------------------------------------------- worker
 def train_loop_per_worker(config: dict) -> None:
     job = TrainJob.model_validate(config)
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -146,6 +147,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     data = localize_data(job.data, cfg.storage_path())
+    cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    torch.set_num_threads(max(1, cpus))  # Ray's OMP_NUM_THREADS may not reach torch once it started
     torch.manual_seed(tc.seed)  # identical init on every rank
 
     model = _parallelize(Transformer(model_config_for(cfg, data.vocab_size)), tc.strategy)
@@ -431,13 +434,14 @@ def train_model(cfg: PipelineConfig, data: PreparedData, *, run_name: str, track
         storage = os.path.abspath(storage)
         Path(storage).mkdir(parents=True, exist_ok=True)
     stage_data(data, storage)
+    cpus = tc.cpus_per_worker or worker_cpus(tc.num_workers, tc.use_gpu)
     job = TrainJob(pipeline=cfg, data=data, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, fault=fault)
     score = tc.checkpoint_score
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker},
+                                     resources_per_worker={"CPU": cpus},
                                      placement_strategy=tc.placement_strategy),
         run_config=RunConfig(
             name=run_name,
@@ -454,6 +458,16 @@ def train_model(cfg: PipelineConfig, data: PreparedData, *, run_name: str, track
     return TrainResult(checkpoint_path=checkpoint.path, run_name=run_name, storage_path=storage,
                        metrics={k: float(v) for k, v in (result.metrics or {}).items()
                                 if isinstance(v, (int, float))})
+
+
+def worker_cpus(num_workers: int, use_gpu: bool) -> int:
+    """CPUs per worker when not configured: the cluster's share per worker (1 on GPU clusters, where
+    the GPU does the work and CPUs stay free for data loading)."""
+    import ray
+
+    if use_gpu:
+        return 1
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // num_workers))
 
 
 @contextmanager
