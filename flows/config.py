@@ -37,7 +37,15 @@ class DataConfig(_Section):
     )
     config: str | None = Field(None, description="Hugging Face dataset config name (hf: sources).")
     split: str = Field("train", description="Hugging Face dataset split (hf: sources).")
-    num_proc: int | None = Field(None, ge=1, description="Processes for tokenization; default: all cores.")
+    bpe_train_bytes: int | None = Field(
+        16_000_000, ge=1_000_000,
+        description="Train the bpe tokenizer on about this many bytes of the training split, spread evenly over "
+        "it (None: all of it). Merges for a few thousand tokens settle well within the default; raise it for "
+        "vocabularies of tens of thousands.",
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes for tokenization; default: all cores (fewer for corpora under 8 MB each)."
+    )
 
 
 class ModelSection(_Section):
