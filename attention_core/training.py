@@ -1,0 +1,270 @@
+"""Training primitives that need no Ray: optimizer groups, the learning-rate schedule, one step, state.
+
+`configure_optimizer` builds AdamW with weight decay only on matmul weights. `lr_at` is linear
+warmup then cosine decay. `train_step` runs one optimizer step over a list of micro-batches
+(gradient accumulation, autocast, clipping) and synchronises with the device once, at the end.
+`TrainState` saves and restores model weights (safetensors), optimizer state and RNG states
+(`torch.load(weights_only=True)`: nothing else is ever unpickled) into a directory that is swapped
+into place whole. A distributed trainer wraps the model (DDP, FSDP2) from outside; `train_step`
+only needs to know how to skip gradient synchronisation on all but the last micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .model import Transformer, strip_wrappers, unwrap_model
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
+                        eps: float = 1e-8, device_type: str = "cpu", *,
+                        fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with two groups: decay on >=2-D weights that are not embeddings, none on the rest.
+
+    Norm gains, biases and embeddings are left undecayed: pulling them towards zero does not
+    regularise anything useful (a tied head counts as the embedding). fused=None picks the fused
+    single-kernel AdamW, which both CUDA and CPU builds of PyTorch provide.
+    """
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():  # a tied parameter is yielded once
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2 and id(p) not in embedding_params:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if fused is None:
+        fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup from lr/(warmup+1) to lr, cosine decay to min_lr at max_steps, then min_lr."""
+    if step < 0 or warmup_steps < 0 or max_steps < 0:
+        raise ValueError(f"lr_at: step={step}, warmup_steps={warmup_steps}, max_steps={max_steps} must be >= 0")
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)  # never exactly 0: step 0 still learns
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over micro-batches of each micro-batch's mean loss
+    grad_norm: float  # total L2 norm of the gradients before clipping
+    tokens: int  # input tokens consumed by this step (on this rank)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, lr: float | None = None,
+               grad_clip: float = 1.0, autocast_dtype: torch.dtype | None = None,
+               device_type: str = "cpu") -> StepResult:
+    """Accumulate gradients over micro_batches [(x, y), ...], clip them, take one optimizer step.
+
+    Each micro-batch's loss is divided by their number, so the gradient is that of the mean loss.
+    Under DDP (`no_sync`) or FSDP2 (`set_requires_gradient_sync`) gradients are all-reduced only
+    on the last micro-batch. The one host-device synchronisation is reading loss and norm at the end.
+    """
+    if len(micro_batches) == 0:
+        raise ValueError("micro_batches: at least one (x, y) pair is needed")
+    if lr is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    n = len(micro_batches)
+    loss_sum = None
+    tokens = 0
+    for i, (x, y) in enumerate(micro_batches):
+        with _gradient_sync(model, enabled=i == n - 1):
+            with autocast:
+                _, loss = model(x, y)
+            (loss / n).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        tokens += x.numel()
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    loss_value, norm_value = torch.stack((loss_sum.float() / n, grad_norm.float())).tolist()  # one sync
+    return StepResult(loss=loss_value, grad_norm=norm_value, tokens=tokens)
+
+
+@contextlib.contextmanager
+def _gradient_sync(model: nn.Module, enabled: bool):
+    """Turn off the data-parallel gradient all-reduce for this micro-step unless `enabled`."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif not enabled and hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights and training state on disk
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the (unwrapped) model's weights to one safetensors file; a tied matrix is stored once."""
+    safetensors.torch.save_model(strip_wrappers(model), str(path))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors file written by `save_weights` into the model (strict: every key must match)."""
+    safetensors.torch.load_model(strip_wrappers(model), str(path), strict=True)
+
+
+def save_model(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write config.json and model.safetensors: everything `load_model` needs, no optimizer."""
+    config = unwrap_model(model).config.to_dict()
+
+    def write(tmp: Path) -> None:
+        _write_json(tmp / "config.json", config)
+        save_weights(model, tmp / "model.safetensors")
+
+    _write_directory(Path(directory), write)
+
+
+def load_model(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> Transformer:
+    """Build a Transformer from state.json or config.json and load model.safetensors; eval mode."""
+    directory = Path(directory)
+    if (directory / "state.json").exists():
+        config = json.loads((directory / "state.json").read_text())["model_config"]
+    elif (directory / "config.json").exists():
+        config = json.loads((directory / "config.json").read_text())
+    else:
+        raise FileNotFoundError(f"{directory}: neither state.json nor config.json")
+    model = Transformer(ModelConfig.from_dict(config))
+    load_weights(model, directory / "model.safetensors")
+    return model.to(map_location).eval()
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume training: model, optimizer, step, RNG states, small metadata.
+
+    Call `save` on one process (rank 0 under DDP, whose replicas are identical). Sharded FSDP2
+    parameters are DTensors, which this single-file format does not gather: not supported here.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    step: int = 0
+    extra: dict = field(default_factory=dict)  # small and JSON-serialisable (e.g. run metadata)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write model.safetensors, optimizer.pt, rng.pt and state.json, then swap the directory in.
+
+        Files are written into a temporary sibling directory that replaces `directory` only once
+        complete, so a crash mid-save leaves the previous checkpoint intact.
+        """
+        state = {"step": int(self.step), "model_config": unwrap_model(self.model).config.to_dict(),
+                 "extra": self.extra}
+        json.dumps(state)  # fail before touching the disk if extra is not JSON-serialisable
+
+        def write(tmp: Path) -> None:
+            save_weights(self.model, tmp / "model.safetensors")
+            if self.optimizer is not None:
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(_rng_state(), tmp / "rng.pt")
+            _write_json(tmp / "state.json", state)
+
+        _write_directory(Path(directory), write)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model: nn.Module,
+             optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True,
+             map_location: str | torch.device = "cpu") -> TrainState:
+        """Restore a state written by `save` into an already-built model (and optimizer)."""
+        directory = Path(directory)
+        state = json.loads((directory / "state.json").read_text())
+        load_weights(model, directory / "model.safetensors")
+        if optimizer is not None:
+            path = directory / "optimizer.pt"
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: this state was saved without an optimizer")
+            optimizer.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+        if restore_rng:
+            _set_rng_state(torch.load(directory / "rng.pt", map_location="cpu", weights_only=True))
+        return cls(model=model, optimizer=optimizer, step=state["step"], extra=state["extra"])
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        # (version, tuple of 625 ints, gauss_next): plain values that weights_only loading accepts
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch_cpu"])
+    if rng["torch_cuda"] and torch.cuda.is_available():
+        for device, cuda_state in enumerate(rng["torch_cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+    version, internal, gauss_next = rng["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _write_directory(directory: Path, write) -> None:
+    """Call write(tmp) on a fresh sibling directory, fsync it, then move it to `directory`."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for path in tmp.iterdir():  # contents on disk before the rename makes them visible
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if directory.exists():
+            # POSIX cannot rename over a non-empty directory: move the old one aside first
+            old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
