@@ -34,7 +34,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="install pyproject.toml's requirements (minus ray) in the job's runtime env; "
                         "--no-pip when the cluster's image already holds the project")
     submit.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _add_generate_parser(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="continue a prompt with a registered model (MLflow pyfunc)")
+    gen.add_argument("--model-uri", default="models:/attention-transformer@champion",
+                     help="registered model URI (default: %(default)s)")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
+    gen.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0: greedy (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the top K tokens; 0: all (default)")
+    gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
+    gen.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the "
+                     "SQLite store in the workdir of --config/--set, as `run` uses)")
+    _add_config_args(gen)
+    gen.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="serve the pipeline on the nightly schedule from this process "
+                           "(no work pool or worker needed)")
+    serve.add_argument("--cron", help="cron schedule (default: the nightly deployment's in prefect.yaml)")
+    serve.add_argument("--timezone", help="time zone of the cron schedule (default: the nightly deployment's)")
+    serve.add_argument("--name", default="nightly", help="deployment name (default: %(default)s)")
+    _add_config_args(serve)
+    serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
 def cmd_run(args) -> int:
@@ -52,6 +79,31 @@ def cmd_run(args) -> int:
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
     print(f"  also as models:/{reg.model_name}@challenger")
     print(f"MLflow UI for this store:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from flows.config import load_config
+    from flows.mlflow_model import generate
+
+    uri = args.tracking_uri or load_config(args.config, args.overrides).tracking_uri()
+    text = generate(args.model_uri, args.prompt, tracking_uri=uri, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from flows.config import apply_overrides, load_config, validate_config
+    from flows.pipeline import nightly_deployment, serve_nightly
+
+    nightly = nightly_deployment()
+    if args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:  # the nightly deployment's parameters, with --set on top
+        cfg = validate_config(apply_overrides(nightly["config"], args.overrides))
+    serve_nightly(cfg, cron=args.cron or nightly["cron"], timezone=args.timezone or nightly["timezone"],
+                  name=args.name)
     return 0
 
 
@@ -91,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         _hide_user_error_tracebacks()
     try:
-        return {"run": cmd_run, "submit": cmd_submit}[args.command](args)
+        return {"run": cmd_run, "submit": cmd_submit, "generate": cmd_generate,
+                "serve": cmd_serve}[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the CLI decides how errors look
         if args.debug or not is_user_error(exc):
             raise

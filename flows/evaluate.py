@@ -1,14 +1,18 @@
-"""Evaluation of a trained checkpoint: validation loss, perplexity, bits per byte, and samples.
+"""Evaluation of a trained model: validation loss, perplexity, bits per byte, samples and figures.
 
 The validation split is cut into consecutive non-overlapping windows of block_size tokens (the same
-windows every time), so two models evaluated on one dataset are compared on identical text. Bits per
-byte normalises by the UTF-8 bytes those windows cover, which makes models with different tokenizers
-comparable.
+windows every time, scored in batches), so two models evaluated on one dataset are compared on
+identical text. Bits per byte divides the total negative log-likelihood, in bits, by the UTF-8 bytes
+of the scored text, which makes models with different tokenizers comparable. Samples continue the
+configured prompts with a fixed seed; the attention figure shows every head of every layer on the
+first prompt and its sample.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +22,8 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 from flows.data import PreparedData
 
+ATTENTION_TOKENS = 24  # tokens on each axis of the attention heatmaps: more are unreadable
+
 
 class EvalResult(BaseModel):
     val_loss: float
@@ -25,44 +31,112 @@ class EvalResult(BaseModel):
     bits_per_byte: float
     tokens: int
     bytes: int
+    windows: int
+    block_size: int
     samples: list[dict[str, str]]
 
     def metrics(self) -> dict[str, float]:
         return {"eval_val_loss": self.val_loss, "eval_perplexity": self.perplexity,
-                "eval_bits_per_byte": self.bits_per_byte, "eval_tokens": float(self.tokens)}
+                "eval_bits_per_byte": self.bits_per_byte, "eval_tokens": float(self.tokens),
+                "eval_bytes": float(self.bytes)}
+
+
+class SplitScore(BaseModel):
+    """Sums over the scored windows of one split; the metrics follow from them."""
+
+    nll: float  # nats, summed over every scored token
+    tokens: int
+    bytes: int
+    windows: int
+    block_size: int
+
+    @property
+    def val_loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nll / math.log(2) / max(self.bytes, 1)
+
+
+def window_count(n_tokens: int, block_size: int, max_tokens: int | None = None) -> int:
+    """Windows of block_size inputs (each with its next-token targets) that fit the split."""
+    usable = n_tokens - 1
+    if max_tokens is not None:
+        usable = min(usable, max_tokens)
+    if usable < block_size:
+        raise ValueError(f"validation split of {n_tokens} tokens is shorter than one window of {block_size + 1}")
+    return usable // block_size
 
 
 @torch.no_grad()
 def score_split(model, tokenizer, tokens: np.ndarray, *, block_size: int, batch_size: int,
-                max_tokens: int | None = None) -> tuple[float, int, int]:
-    """(total negative log-likelihood in nats, tokens scored, UTF-8 bytes of the scored tokens)."""
-    usable = len(tokens) - 1
-    if max_tokens is not None:
-        usable = min(usable, max_tokens)
-    n_windows = max(1, usable // block_size)
+                max_tokens: int | None = None) -> SplitScore:
+    """Sum the next-token loss over consecutive windows of the split, batch_size windows at a time."""
+    n_windows = window_count(len(tokens), block_size, max_tokens)
     device = next(model.parameters()).device
-    nll, n_tok, n_bytes = 0.0, 0, 0
-    for start in range(0, n_windows, batch_size):
-        idx = range(start, min(start + batch_size, n_windows))
-        x = np.stack([tokens[i * block_size: (i + 1) * block_size] for i in idx]).astype(np.int64)
-        y = np.stack([tokens[i * block_size + 1: (i + 1) * block_size + 1] for i in idx]).astype(np.int64)
-        logits, _ = model(torch.from_numpy(x).to(device))
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), torch.from_numpy(y).to(device).view(-1),
-                               reduction="sum")
-        nll += float(loss)
-        n_tok += y.size
-        n_bytes += sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in y)
-    return nll, n_tok, n_bytes
+    was_training = model.training
+    model.eval()
+    nll = 0.0
+    try:
+        for start in range(0, n_windows, batch_size):
+            stop = min(start + batch_size, n_windows)
+            chunk = np.asarray(tokens[start * block_size: stop * block_size + 1], dtype=np.int64)
+            x = torch.from_numpy(chunk[:-1].reshape(stop - start, block_size)).to(device)  # (B, T)
+            y = torch.from_numpy(chunk[1:].reshape(stop - start, block_size)).to(device)   # (B, T)
+            logits, _ = model(x)                                                            # (B, T, V)
+            nll += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                         reduction="sum"))
+    finally:
+        model.train(was_training)
+    # The targets of consecutive windows are one contiguous stretch: decoding it whole counts its
+    # bytes exactly, even where a byte-level token splits a character at a window boundary.
+    targets = np.asarray(tokens[1: n_windows * block_size + 1]).tolist()
+    n_bytes = len(tokenizer.decode(targets).encode("utf-8"))
+    return SplitScore(nll=nll, tokens=n_windows * block_size, bytes=n_bytes, windows=n_windows,
+                      block_size=block_size)
 
 
 def evaluate_pack(model, tokenizer, data: PreparedData, cfg: PipelineConfig) -> EvalResult:
+    """Score the whole validation split (or its first eval.max_tokens) and sample every prompt."""
     from flows.modelpack import generate_text
 
-    nll, n_tok, n_bytes = score_split(model, tokenizer, data.tokens("val"), block_size=model.config.block_size,
-                                      batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)
-    val_loss = nll / n_tok
+    score = score_split(model, tokenizer, data.tokens("val"), block_size=model.config.block_size,
+                        batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)
     texts = generate_text(model, tokenizer, cfg.eval.prompts, max_new_tokens=cfg.eval.max_new_tokens,
                           temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, seed=cfg.eval.seed)
-    return EvalResult(val_loss=val_loss, perplexity=math.exp(min(val_loss, 50.0)),
-                      bits_per_byte=nll / math.log(2) / max(n_bytes, 1), tokens=n_tok, bytes=n_bytes,
+    return EvalResult(val_loss=score.val_loss, perplexity=math.exp(min(score.val_loss, 50.0)),
+                      bits_per_byte=score.bits_per_byte, tokens=score.tokens, bytes=score.bytes,
+                      windows=score.windows, block_size=score.block_size,
                       samples=[{"prompt": p, "completion": t} for p, t in zip(cfg.eval.prompts, texts)])
+
+
+def attention_example(model, tokenizer, text: str, max_tokens: int = ATTENTION_TOKENS):
+    """(maps (n_layer, n_head, T, T) as numpy, the T token strings) for the start of text."""
+    ids = tokenizer.encode(text)[: min(max_tokens, model.config.block_size)] or [tokenizer.eot_id]
+    device = next(model.parameters()).device
+    maps = model.attention_maps(torch.tensor(ids, dtype=torch.long, device=device))
+    return maps.cpu().numpy(), [tokenizer.decode([i]) for i in ids]
+
+
+def eval_device(cfg: PipelineConfig) -> str:
+    """Where evaluation runs: the GPU when training used GPUs and this process sees one, else the CPU."""
+    return "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def evaluate_checkpoint(checkpoint_path: str, data: PreparedData, cfg: PipelineConfig):
+    """(EvalResult, attention heatmap figure) for a Ray Train checkpoint of this dataset."""
+    from flows.figures import attention_heatmaps_figure
+    from flows.modelpack import export_model_pack, load_model_pack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = load_model_pack(export_model_pack(checkpoint_path, data.path, Path(tmp) / "pack"),
+                                           device=eval_device(cfg))
+    result = evaluate_pack(model, tokenizer, data, cfg)
+    if result.samples:
+        text = result.samples[0]["prompt"] + result.samples[0]["completion"]
+    else:
+        text = tokenizer.decode(np.asarray(data.tokens("val")[:ATTENTION_TOKENS]).tolist())
+    maps, labels = attention_example(model, tokenizer, text)
+    figure = attention_heatmaps_figure(maps, labels, title="attention on the first prompt and its sample")
+    return result, figure

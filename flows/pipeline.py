@@ -1,14 +1,28 @@
 """The Prefect flow: prepare_dataset -> train_model -> evaluate_model -> register_model.
 
 Each stage is its own task with its own retries (exponential backoff with jitter); a task that failed
-on bad user input is not retried. The flow body only wires results from task to task. The MLflow run
-of this flow run is found or created by every task from the flow-run id, so retries never duplicate it.
+on bad user input is not retried. prepare_dataset is cached across flow runs by the content fingerprint
+of its inputs, its result persisted as JSON under <workdir>/prefect-results, so a rerun skips it. The
+MLflow run of a flow run is found or created by every task from the flow-run id, the evaluation logs
+each thing once, and the registration reuses its model version and recorded champion decision, so a
+retry never duplicates anything. The flow run is named after its dataset and model size; the register
+task publishes a markdown artifact (`pipeline-summary`) and a link artifact to the MLflow run. The flow
+body only wires results from task to task.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
 from prefect import flow, task
-from prefect.runtime import flow_run
+from prefect.cache_policies import CachePolicy
+from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.config import PipelineConfig
@@ -17,6 +31,8 @@ from flows.errors import is_user_error
 from flows.evaluate import EvalResult
 from flows.registry import Registration
 from flows.train import TrainResult
+
+SUMMARY_KEY, LINK_KEY = "pipeline-summary", "mlflow-run"
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -32,6 +48,49 @@ def _flow_run_id() -> str:
     return str(flow_run.id or "local")
 
 
+# --------------------------------------------------------------------------------------- naming, lineage
+def dataset_label(source: str) -> str:
+    """A short name for data.source: 'python-stdlib', a file's stem, a glob's fixed folder, a dataset's name."""
+    if source.startswith("hf:") or "://" in source:
+        name = source.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        parts = Path(source).parts
+        cut = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
+        name = Path(*parts[:cut]).stem if cut else "glob"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "data"
+
+
+def run_name_for(cfg: PipelineConfig, when) -> str:
+    """<dataset>-<tokenizer>-<n_layer>x<n_embd>-<UTC date and time>, e.g. python-stdlib-char-4x128-20250101-0200."""
+    m = cfg.model
+    return f"{dataset_label(cfg.data.source)}-{cfg.data.tokenizer}-{m.n_layer}x{m.n_embd}-{when:%Y%m%d-%H%M}"
+
+
+def _flow_run_name() -> str:
+    config = flow_run.parameters.get("config")
+    cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
+    return run_name_for(cfg, flow_run.scheduled_start_time)
+
+
+def _run_tags() -> dict[str, str]:
+    """Lineage known when the MLflow run is created: the Prefect flow run, its deployment, git, versions."""
+    from flows.registry import git_tags, library_versions
+
+    tags = {"prefect.flow_run_name": str(flow_run.name), "prefect.flow_name": str(flow_run.flow_name)}
+    if deployment.id:
+        tags.update({"prefect.deployment_id": str(deployment.id), "prefect.deployment_name": str(deployment.name)})
+    if flow_run.ui_url:
+        tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    return {**tags, **git_tags(), **library_versions()}
+
+
+def _lineage(data: PreparedData, trained: TrainResult) -> dict[str, str]:
+    """Lineage known after training: the dataset and the Ray Train run."""
+    return {"data.fingerprint": data.fingerprint, "data.tokenizer": data.tokenizer, "data.path": data.path,
+            "ray.run_name": trained.run_name, "ray.storage_path": trained.storage_path,
+            "ray.checkpoint_path": trained.checkpoint_path}
+
+
 def _mlflow_run(cfg: PipelineConfig) -> tuple[str, str]:
     """(tracking URI, MLflow run id) of the current flow run."""
     from flows.registry import start_pipeline_run
@@ -40,16 +99,62 @@ def _mlflow_run(cfg: PipelineConfig) -> tuple[str, str]:
     if uri.startswith("sqlite:///"):
         cfg.workdir_path.mkdir(parents=True, exist_ok=True)
     run_id = start_pipeline_run(cfg, uri, flow_run_id=_flow_run_id(), run_name=flow_run.name or "pipeline",
-                                tags={"prefect.flow_run_name": str(flow_run.name)})
+                                tags=_run_tags())
     return uri, run_id
 
 
-@task(name="prepare_dataset", retries=2, **_RETRY)
+# --------------------------------------------------------------------------------------- the data cache
+@lru_cache(maxsize=32)
+def _fingerprint(data_settings: str, files: tuple[tuple[str, int, int], ...]) -> str:
+    from flows.data import fingerprint_inputs
+
+    cfg = PipelineConfig.model_validate({"data": json.loads(data_settings)})
+    return fingerprint_inputs([Path(f) for f, _, _ in files], cfg)
+
+
+def data_fingerprint(cfg: PipelineConfig) -> str | None:
+    """flows.data's content fingerprint of cfg.data (memoised on the files' sizes and mtimes), or
+    None when the source cannot be listed here; prepare_dataset then runs and reports why."""
+    from flows.data import resolve_source
+
+    try:
+        files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in resolve_source(cfg.data.source))
+        return _fingerprint(cfg.data.model_dump_json(), files)
+    except Exception:  # noqa: BLE001 - not cacheable; the task itself raises the real error
+        return None
+
+
+@dataclass
+class DataFingerprintCache(CachePolicy):
+    """prepare_dataset's cache key: the data fingerprint, plus the workdir and block size its result
+    depends on (the path it returns, and the corpus-size check)."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        cfg: PipelineConfig = inputs["cfg"]
+        fp = data_fingerprint(cfg)
+        if fp is None:
+            return None
+        extra = hashlib.sha256(json.dumps([str(cfg.workdir_path), cfg.model.block_size]).encode()).hexdigest()
+        return f"prepare_dataset-{fp}-{extra[:16]}"
+
+
+@task(name="prepare_dataset", retries=2, cache_policy=DataFingerprintCache(), persist_result=True,
+      result_serializer="json", **_RETRY)
 def prepare_dataset_task(cfg: PipelineConfig) -> PreparedData:
     """Tokenize the corpus into train/val token arrays (reused when the fingerprint matches)."""
     from flows.data import prepare_dataset
 
     return prepare_dataset(cfg)
+
+
+def _prepare_dataset_cached(cfg: PipelineConfig):
+    """prepare_dataset_task with its results under the workdir; a cached result whose directory is
+    gone is recomputed and overwritten (refresh_cache) instead of handed to training."""
+    fp = data_fingerprint(cfg)
+    gone = fp is not None and not (cfg.workdir_path / "data" / fp / "meta.json").is_file()  # flows.data's layout
+    return prepare_dataset_task.with_options(
+        result_storage=cfg.workdir_path / "prefect-results",  # a Path: a local folder, no block to save
+        refresh_cache=True if gone else None)
 
 
 @task(name="train_model", retries=2, **_RETRY)
@@ -72,34 +177,99 @@ def train_model_task(cfg: PipelineConfig, data: PreparedData) -> TrainResult:
 
 @task(name="evaluate_model", retries=2, **_RETRY)
 def evaluate_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainResult) -> EvalResult:
-    """Validation loss, perplexity, bits per byte and samples, logged to the flow's MLflow run."""
-    from flows.evaluate import evaluate_pack
-    from flows.modelpack import load_model_pack, export_model_pack
-    from flows.registry import log_evaluation
-    import tempfile
+    """Validation loss, perplexity, bits per byte, samples and figures, logged once to the flow's MLflow run."""
+    from flows.evaluate import evaluate_checkpoint
+    from flows.registry import log_evaluation, set_run_tags
 
     uri, run_id = _mlflow_run(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_model_pack(export_model_pack(trained.checkpoint_path, data.path, tmp))
-        result = evaluate_pack(model, tokenizer, data, cfg)
-    log_evaluation(uri, run_id, result)
+    set_run_tags(uri, run_id, _lineage(data, trained))
+    result, attention = evaluate_checkpoint(trained.checkpoint_path, data, cfg)
+    log_evaluation(uri, run_id, result, figures={"attention_heatmaps.png": attention})
     return result
+
+
+@contextmanager
+def _champion_lock(model_name: str):
+    """One champion gate at a time per registered model, across flow runs and machines: a Prefect
+    global concurrency limit of 1, so two overlapping runs never both promote against one champion."""
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    name = "champion-gate-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name)
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, 1)
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+def _publish_summary(reg: Registration, result: EvalResult, tracking_uri: str, lineage: dict[str, str]) -> None:
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    from flows.registry import run_url, summary_markdown
+
+    url = run_url(tracking_uri, reg.experiment_id, reg.run_id)
+    create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(reg, result, url=url, lineage=lineage),
+                             description=f"{reg.model_name} v{reg.version}: {reg.decision}")
+    create_link_artifact(key=LINK_KEY, link=url, link_text=f"MLflow run {reg.run_id}",
+                         description=f"the MLflow run of flow run {flow_run.name}")
 
 
 @task(name="register_model", retries=3, **_RETRY)
 def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainResult,
                         result: EvalResult) -> Registration:
-    """Register the pyfunc model once per run and move the challenger/champion aliases."""
-    from flows.registry import register_model
+    """Log and register the pyfunc once per run, run the champion gate, publish the run's summary."""
+    from flows.registry import champion_gate, log_model_version
 
     uri, run_id = _mlflow_run(cfg)
-    return register_model(cfg, uri, run_id, checkpoint_path=trained.checkpoint_path, data=data, result=result)
+    version = log_model_version(cfg, uri, run_id, checkpoint_path=trained.checkpoint_path, data=data,
+                                result=result)
+    with _champion_lock(cfg.registry.model_name):
+        reg = champion_gate(cfg, uri, version, data=data, result=result)
+    _publish_summary(reg, result, uri, _lineage(data, trained))
+    return reg
 
 
-@flow(name="attention-pipeline", log_prints=True)
+@flow(name="attention-pipeline", flow_run_name=_flow_run_name, log_prints=True)
 def training_pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Registration:
     """Prepare data, train on Ray, evaluate, and register the model in MLflow."""
-    data = prepare_dataset_task(config)
+    data = _prepare_dataset_cached(config)(config)
     trained = train_model_task(config, data)
     result = evaluate_model_task(config, data, trained)
     return register_model_task(config, data, trained, result)
+
+
+# --------------------------------------------------------------------------------------- serving
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
+# What prefect.yaml's `nightly` deployment holds, for an installed copy without the file (a test keeps them equal).
+NIGHTLY = {"cron": "0 2 * * *", "timezone": "Europe/Berlin", "config": {"workdir": "workdir"}}
+
+
+def nightly_deployment(path: Path = PREFECT_YAML) -> dict:
+    """{'cron', 'timezone', 'config'} of the `nightly` deployment in prefect.yaml (NIGHTLY without one)."""
+    import yaml
+
+    if not path.is_file():
+        return dict(NIGHTLY)
+    spec = next(d for d in yaml.safe_load(path.read_text())["deployments"] if d["name"] == "nightly")
+    schedule = spec["schedules"][0]
+    return {"cron": schedule["cron"], "timezone": schedule["timezone"], "config": spec["parameters"]["config"]}
+
+
+def serve_nightly(cfg: PipelineConfig, *, cron: str, timezone: str, name: str = "nightly") -> None:
+    """Serve training_pipeline_flow on a cron schedule from this process (no work pool, no worker)."""
+    from zoneinfo import ZoneInfo
+
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
+    from flows.errors import UserError
+
+    try:
+        ZoneInfo(timezone)  # Prefect accepts any string here and fails later, at scheduling time
+        schedule = Cron(cron, timezone=timezone)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"serve: invalid schedule (cron {cron!r}, time zone {timezone!r}): {err}") from None
+    training_pipeline_flow.serve(
+        name=name, schedules=[schedule], parameters={"config": cfg.model_dump(mode="json")},
+        tags=["attention-pipeline", name], description="The training pipeline on a schedule, served by "
+        "`python -m flows serve`.", entrypoint_type=EntrypointType.MODULE_PATH)

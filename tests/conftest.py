@@ -45,3 +45,106 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures for the evaluation, registry, generate and server tests.
+
+TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}
+
+
+@pytest.fixture(scope="session")
+def prepared_corpus(tmp_path_factory):
+    """make(text, block_size=16) -> (PipelineConfig, PreparedData): a real prepare_dataset of `text`
+    in its own workdir (char tokenizer, so the text's characters are the vocabulary; the one eval
+    prompt is the text's start)."""
+    from flows.config import load_config
+    from flows.data import prepare_dataset
+
+    def make(text: str, block_size: int = TINY_MODEL["block_size"]):
+        root = tmp_path_factory.mktemp("corpus")
+        (root / "corpus.txt").write_text(text)
+        cfg = load_config(overrides=[f"workdir={root / 'wd'}", f"data.source={root / 'corpus.txt'}",
+                                     "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+                                     f"model.block_size={block_size}", "eval.max_new_tokens=8",
+                                     "eval.batch_size=4"])
+        cfg.eval.prompts = [text[:4]]  # inside the char vocabulary by construction
+        return cfg, prepare_dataset(cfg)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """make(vocab_size, seed=0, block_size=16) -> path of a Ray-Train-style checkpoint (TrainState)
+    holding a randomly initialised tiny Transformer; different seeds give different models."""
+    import torch
+
+    from attention_core import ModelConfig, TrainState, Transformer
+
+    def make(vocab_size: int, seed: int = 0, block_size: int = TINY_MODEL["block_size"]):
+        torch.manual_seed(seed)
+        model = Transformer(ModelConfig(vocab_size=vocab_size, **{**TINY_MODEL, "block_size": block_size}))
+        path = tmp_path_factory.mktemp("checkpoint") / "checkpoint_00000001"
+        TrainState(model=model, optimizer=None, step=1).save(path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """free_port() -> a TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """postgresql://postgres@127.0.0.1:5432 when a server answers there (trust auth), else None."""
+    try:
+        import psycopg2
+    except ImportError:
+        return None
+    try:
+        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3).close()
+    except psycopg2.OperationalError:
+        return None
+    return "postgresql://postgres@127.0.0.1:5432"
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres_url):
+    """make(prefix) -> the name of a new, uniquely named PostgreSQL database; all are dropped at the end."""
+    import uuid
+
+    if postgres_url is None:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    import psycopg2
+
+    created: list[str] = []
+
+    def run(sql: str) -> None:
+        conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        run(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return name
+
+    yield make
+    for name in created:
+        run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,0 +1,60 @@
+"""Figures: loss curves and the layer x head attention grid, drawn off-screen and saved as PNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flows.figures import attention_heatmaps_figure, loss_curves_figure, token_label
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_curves_plot_train_and_val_against_step(tmp_path):
+    fig = loss_curves_figure([(3, 4.0), (1, 5.0), (2, 4.5)], [(2, 4.7)])
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["train_loss"].get_xdata()) == [1, 2, 3]  # sorted by step
+    assert list(lines["val_loss"].get_ydata()) == [4.7]
+    assert ax.get_xlabel() == "step"
+    fig.savefig(tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes().startswith(PNG)
+
+
+def test_loss_curves_without_points_still_draw():
+    fig = loss_curves_figure([], [])
+    assert fig.axes[0].get_lines() == []
+
+
+@pytest.mark.parametrize("n_layer, n_head", [(1, 1), (2, 3)])
+def test_attention_grid_has_one_heatmap_per_layer_and_head(tmp_path, n_layer, n_head):
+    T = 5
+    maps = np.random.default_rng(0).random((n_layer, n_head, T, T))
+    tokens = ["d", "e", "f", " ", "\n"]
+    fig = attention_heatmaps_figure(maps, tokens)
+    heatmaps = [ax for ax in fig.axes if ax.images and ax.get_title().startswith("layer")]
+    assert len(heatmaps) == n_layer * n_head
+    assert heatmaps[-1].get_title() == f"layer {n_layer - 1} · head {n_head - 1}"
+    for ax in heatmaps:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["d", "e", "f", "␣", "↵"]
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["d", "e", "f", "␣", "↵"]
+    fig.savefig(tmp_path / "attention.png")
+    assert (tmp_path / "attention.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize("maps, tokens", [(np.zeros((2, 3, 3)), "abc"), (np.zeros((1, 1, 3, 3)), "ab")])
+def test_attention_grid_rejects_bad_shapes(maps, tokens):
+    with pytest.raises(ValueError):
+        attention_heatmaps_figure(maps, list(tokens))
+
+
+@pytest.mark.parametrize("text, label", [("a", "a"), (" ", "␣"), ("\t\n", "⇥↵"), ("", "∅"),
+                                         ("abcdefghijk", "abcdefg…"), ("\x00", "·")])
+def test_token_label(text, label):
+    assert token_label(text) == label
+
+
+def test_figures_draw_on_the_agg_canvas_without_pyplot():
+    fig = loss_curves_figure([(1, 1.0)], [])
+    assert fig.canvas.__class__.__name__ == "FigureCanvasAgg"
+    assert not hasattr(fig, "number")  # pyplot gives its figures a number; ours are never registered there

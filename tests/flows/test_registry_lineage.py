@@ -1,0 +1,129 @@
+"""Registry pieces that need no MLflow store: the recorded gate decision, lineage tags, the summary,
+the flow-run name, the data cache key and the nightly schedule."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import load_config, validate_config
+from flows.evaluate import EvalResult
+from flows.pipeline import NIGHTLY, PREFECT_YAML, DataFingerprintCache, dataset_label, nightly_deployment, run_name_for
+from flows.registry import GateDecision, Registration, git_tags, library_versions, run_url, summary_markdown
+
+
+@pytest.mark.parametrize("decision", [
+    GateDecision(promote=True, method="no champion", challenger_bits_per_byte=2.5, min_improvement=0.01),
+    GateDecision(promote=False, method="re-evaluated champion on the same validation split",
+                 challenger_bits_per_byte=2.5, champion_version=3, champion_bits_per_byte=2.4,
+                 challenger_val_loss=1.7, champion_val_loss=1.6),
+])
+def test_gate_decision_round_trips_through_version_tags(decision):
+    tags = decision.tags()
+    assert tags["gate.decision"] == ("promoted" if decision.promote else "kept champion")
+    assert list(tags)[-1] == "gate.decision"  # written last: it marks a complete record
+    assert GateDecision.from_tags({**tags, "unrelated": "x"}) == decision
+
+
+def test_no_recorded_decision_without_the_decision_tag():
+    tags = GateDecision(promote=True, method="m", challenger_bits_per_byte=1.0).tags()
+    del tags["gate.decision"]
+    assert GateDecision.from_tags(tags) is None
+
+
+@pytest.mark.parametrize("source, label", [
+    ("python-stdlib", "python-stdlib"), ("/data/tinyshakespeare.txt", "tinyshakespeare"),
+    ("corpus/**/*.txt", "corpus"), ("*.txt", "glob"), ("hf:karpathy/tiny_shakespeare", "tiny-shakespeare"),
+    ("s3://bucket/My Corpus/", "my-corpus"),
+])
+def test_dataset_label(source, label):
+    assert dataset_label(source) == label
+
+
+def test_flow_run_name_says_dataset_tokenizer_and_model_size():
+    cfg = load_config(overrides=["model.n_layer=6", "model.n_embd=384", "model.n_head=6"])
+    when = datetime(2025, 3, 1, 2, 0, tzinfo=timezone.utc)
+    assert run_name_for(cfg, when) == "python-stdlib-char-6x384-20250301-0200"
+
+
+def test_library_versions_and_git_tags():
+    versions = library_versions()
+    assert {"versions.python", "versions.torch", "versions.ray", "versions.prefect", "versions.mlflow"} <= set(versions)
+    tags = git_tags()
+    if tags:  # a checkout: the commit the run's code came from
+        assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git.dirty"] in {"true", "false"}
+    assert git_tags(Path("/")) == {}  # not a repository
+
+
+@pytest.mark.parametrize("uri, base", [
+    ("http://127.0.0.1:5000/", "http://127.0.0.1:5000"), ("https://mlflow.example", "https://mlflow.example"),
+    ("sqlite:////tmp/mlflow.db", "http://127.0.0.1:5000"),
+])
+def test_run_url(uri, base):
+    assert run_url(uri, "7", "abc") == f"{base}/#/experiments/7/runs/abc"
+
+
+def test_summary_names_metrics_comparison_and_link():
+    result = EvalResult(val_loss=1.5, perplexity=math.exp(1.5), bits_per_byte=2.25, tokens=4096, bytes=4200,
+                        windows=128, block_size=32, samples=[])
+    reg = Registration(model_name="m", version="4", model_uri="models:/m/4", champion=False,
+                       decision="kept champion", method="re-evaluated champion on the same validation split",
+                       challenger_bits_per_byte=2.25, champion_bits_per_byte=2.2, champion_version=3,
+                       run_id="r1", experiment_id="1")
+    md = summary_markdown(reg, result, url="http://x/#/experiments/1/runs/r1", lineage={"data.fingerprint": "fp"})
+    for needle in ("bits per byte | 2.2500", "perplexity", "| champion before | v3 | 2.2000 |",
+                   "**kept champion**", "still v3", "[r1](http://x/#/experiments/1/runs/r1)", "`fp`"):
+        assert needle in md
+
+
+def test_data_cache_key_follows_the_content_fingerprint(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 50)
+    policy = DataFingerprintCache()
+
+    def key(*overrides):
+        cfg = load_config(overrides=[f"workdir={tmp_path / 'wd'}", f"data.source={corpus}", *overrides])
+        return policy.compute_key(None, {"cfg": cfg}, {})
+
+    first = key()
+    assert first == key() and first.startswith("prepare_dataset-")
+    assert key("train.max_steps=5") == first            # training settings do not touch the data
+    assert key("data.val_fraction=0.2") != first         # tokenization settings do
+    assert key("model.block_size=64") != first           # the corpus-size check depends on it
+    assert key(f"workdir={tmp_path / 'other'}") != first  # the returned path does
+    corpus.write_text("hello there\n" * 50)
+    assert key() != first                                # and so does the content
+    assert policy.compute_key(None, {"cfg": load_config(overrides=["data.source=/no/such/file"])}, {}) is None
+
+
+def test_nightly_fallback_matches_prefect_yaml():
+    assert nightly_deployment() == {**NIGHTLY, "config": nightly_deployment()["config"]}
+    assert nightly_deployment(Path("/nonexistent/prefect.yaml")) == NIGHTLY
+
+
+def test_prefect_yaml_deployments():
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"nightly", "smoke"}
+    schedule = deployments["nightly"]["schedules"][0]
+    assert schedule["cron"] and schedule["timezone"]
+    for d in deployments.values():
+        assert d["work_pool"]["name"] == "attention-process"
+        validate_config(d["parameters"]["config"])  # the parameters are a valid PipelineConfig
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--timezone", "Mars/Olympus"], "Mars/Olympus"),
+    (["--cron", "61 * * * *"], "61 * * * *"),
+    (["--set", "train.nope=1"], "train.nope"),
+])
+def test_serve_rejects_a_bad_schedule_or_config_in_one_line(args, needle, capsys):
+    from flows.__main__ import main
+
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]

@@ -1,0 +1,202 @@
+"""The flow's registry side on real components (Prefect test harness, local Ray, MLflow on SQLite):
+run name and lineage, evaluation logging, Prefect artifacts, the data cache, and retries that change
+nothing."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from flows.config import load_config
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "train.max_steps=12", "train.batch_size=8", "train.eval_interval=6", "train.eval_batches=2",
+    "train.log_interval=3", "train.checkpoint_interval=6", "train.warmup_steps=2",
+    "eval.max_tokens=4096", "eval.max_new_tokens=16", "train.num_workers=1",
+]
+
+
+def prefect_client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def flow_run_filter(flow_run_id):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+
+
+def samples_table(client, run_id: str) -> dict:
+    """The samples table as MLflow stored it ({"columns": [...], "data": [[...], ...]})."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, "samples.json", tmp)).read_text())
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, prefect_harness, ray_local):
+    """One whole pipeline run: (cfg, flow run id, Registration, MLflow client, MLflow run)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.pipeline import training_pipeline_flow
+
+    cfg = load_config(overrides=[f"workdir={tmp_path_factory.mktemp('registry')}", *TINY])
+    state = training_pipeline_flow(config=cfg, return_state=True)
+    reg = state.result()
+    client = MlflowClient(cfg.tracking_uri())
+    return cfg, state.state_details.flow_run_id, reg, client, client.get_run(reg.run_id)
+
+
+def test_flow_run_is_named_after_dataset_and_model_and_matches_the_mlflow_run(pipeline_run):
+    cfg, flow_run_id, reg, client, run = pipeline_run
+    with prefect_client() as prefect:
+        name = prefect.read_flow_run(flow_run_id).name
+    assert re.fullmatch(r"python-stdlib-char-1x32-\d{8}-\d{4}", name), name
+    assert run.info.run_name == name
+
+
+def test_one_mlflow_run_carries_the_lineage(pipeline_run):
+    cfg, flow_run_id, reg, client, run = pipeline_run
+    tags = run.data.tags
+    assert tags["prefect.flow_run_id"] == str(flow_run_id)
+    assert tags["prefect.flow_run_name"] == run.info.run_name
+    assert "prefect.deployment_id" not in tags  # run from the CLI/test, not from a deployment
+    assert tags["ray.run_name"] == f"train-{flow_run_id}"
+    assert tags["ray.storage_path"] == cfg.storage_path()
+    assert Path(tags["ray.checkpoint_path"]).is_dir()
+    assert re.fullmatch(r"[0-9a-f]{16}", tags["data.fingerprint"])
+    assert {"versions.torch", "versions.ray", "versions.prefect", "versions.mlflow", "versions.python"} <= set(tags)
+    if (Path(__file__).resolve().parents[2] / ".git").exists():
+        assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+    runs = client.search_runs([run.info.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+
+
+def test_evaluation_metrics_samples_and_figures(pipeline_run):
+    cfg, _, reg, client, run = pipeline_run
+    metrics = run.data.metrics
+    assert metrics["eval_bits_per_byte"] > 0 and metrics["eval_tokens"] == 4096
+    assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_val_loss"], rel=1e-6)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"samples.json", "figures/loss_curves.png", "figures/attention_heatmaps.png"} <= artifacts
+    table = samples_table(client, run.info.run_id)
+    assert [row[0] for row in table["data"]] == cfg.eval.prompts and table["columns"] == ["prompt", "completion"]
+
+
+def test_registration_records_the_gate_and_publishes_prefect_artifacts(pipeline_run):
+    cfg, flow_run_id, reg, client, run = pipeline_run
+    assert reg.champion and reg.method == "no champion" and reg.version == "1"
+    version = client.get_model_version(cfg.registry.model_name, 1)
+    assert version.tags["gate.decision"] == "promoted"
+    assert version.tags["data.fingerprint"] == run.data.tags["data.fingerprint"]
+    assert client.get_model_version_by_alias(cfg.registry.model_name, "champion").version == 1
+    with prefect_client() as prefect:
+        artifacts = {a.key: a for a in prefect.read_artifacts(flow_run_filter=flow_run_filter(flow_run_id))}
+    assert {"pipeline-summary", "mlflow-run"} <= set(artifacts)
+    summary = artifacts["pipeline-summary"]
+    assert summary.type == "markdown"
+    assert "bits per byte" in summary.data and "Champion comparison" in summary.data
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in summary.data
+    assert f"/runs/{run.info.run_id}" in str(artifacts["mlflow-run"].data)
+
+
+def test_retried_evaluation_and_registration_change_nothing(pipeline_run, monkeypatch):
+    """Each task fails once right after its MLflow side effects; Prefect retries it, and the retry
+    finds the run, the logged metrics, the model version and the recorded decision."""
+    from prefect import flow
+
+    import flows.pipeline as pipeline
+    import flows.registry as registry
+    from flows.train import TrainResult
+
+    cfg, _, _, client, first = pipeline_run
+    tags = first.data.tags
+    fails = {"log_evaluation": 1, "_publish_summary": 1}
+
+    def failing_once(module, name):
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if fails[name]:
+                fails[name] -= 1
+                raise ConnectionError(f"injected failure after {name}")
+            return out
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    failing_once(registry, "log_evaluation")
+    failing_once(pipeline, "_publish_summary")
+
+    @flow(name="retry-check")
+    def evaluate_and_register(config, trained):
+        data = pipeline._prepare_dataset_cached(config)(config)
+        result = pipeline.evaluate_model_task(config, data, trained)
+        return pipeline.register_model_task(config, data, trained, result)
+
+    trained = TrainResult(checkpoint_path=tags["ray.checkpoint_path"], run_name=tags["ray.run_name"],
+                          storage_path=tags["ray.storage_path"], metrics={})
+    state = evaluate_and_register(cfg, trained, return_state=True)
+    reg = state.result()
+    assert fails == {"log_evaluation": 0, "_publish_summary": 0}  # both failures happened
+
+    flow_run_id = state.state_details.flow_run_id
+    runs = client.search_runs([first.info.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert len(runs) == 1
+    run_id = runs[0].info.run_id
+    assert len(client.get_metric_history(run_id, "eval_bits_per_byte")) == 1
+    assert len(samples_table(client, run_id)["data"]) == len(cfg.eval.prompts)  # logged once, not appended
+    versions = client.search_model_versions(f"name='{cfg.registry.model_name}' and run_id='{run_id}'")
+    assert [int(v.version) for v in versions] == [int(reg.version)] == [2]
+    logged = client.search_logged_models([first.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert len(logged) == 1
+    with prefect_client() as prefect:
+        task_runs = prefect.read_task_runs(flow_run_filter=flow_run_filter(flow_run_id))
+    attempts = {t.name.rsplit("-", 1)[0]: t.run_count for t in task_runs}
+    assert attempts["evaluate_model"] == 2 and attempts["register_model"] == 2
+    champions = [v for v in client.search_model_versions(f"name='{cfg.registry.model_name}'")
+                 if "champion" in client.get_model_version(cfg.registry.model_name, v.version).aliases]
+    assert len(champions) == 1
+
+
+def test_prepare_dataset_is_cached_across_flow_runs_until_its_directory_is_gone(tmp_path, prefect_harness):
+    import shutil
+
+    from prefect import flow
+
+    from flows.pipeline import _prepare_dataset_cached
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(200)))
+    cfg = load_config(overrides=[f"workdir={tmp_path / 'wd'}", f"data.source={corpus}", "model.block_size=16"])
+
+    @flow(name="prepare-only")
+    def prepare_only(config):
+        return _prepare_dataset_cached(config)(config, return_state=True)
+
+    def run():
+        state = prepare_only(cfg)
+        return state.name, state.result()
+
+    name1, data1 = run()
+    name2, data2 = run()
+    assert (name1, name2) == ("Completed", "Cached")
+    assert data2 == data1  # the persisted JSON result, read back
+    assert list((tmp_path / "wd" / "prefect-results").iterdir())
+    shutil.rmtree(data1.path)
+    name3, data3 = run()
+    assert name3 == "Completed" and Path(data3.path, "meta.json").is_file()  # rebuilt, not a dangling path
+    assert run()[0] == "Cached"
+    corpus.write_text("different content entirely, repeated\n" * 100)
+    name5, data5 = run()
+    assert name5 == "Completed" and data5.fingerprint != data1.fingerprint
