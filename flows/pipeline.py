@@ -30,7 +30,7 @@ from flows.data import PreparedData
 from flows.errors import is_user_error
 from flows.evaluate import EvalResult
 from flows.registry import Registration
-from flows.train import TrainResult
+from flows.train import TrainResult, local_checkpoint
 
 SUMMARY_KEY, LINK_KEY = "pipeline-summary", "mlflow-run"
 
@@ -183,7 +183,8 @@ def evaluate_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
 
     uri, run_id = _mlflow_run(cfg)
     set_run_tags(uri, run_id, _lineage(data, trained))
-    result, attention = evaluate_checkpoint(trained.checkpoint_path, data, cfg)
+    with local_checkpoint(trained) as checkpoint:  # downloaded when storage_path is an object store
+        result, attention = evaluate_checkpoint(checkpoint, data, cfg)
     log_evaluation(uri, run_id, result, figures={"attention_heatmaps.png": attention})
     return result
 
@@ -221,8 +222,8 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     from flows.registry import champion_gate, log_model_version
 
     uri, run_id = _mlflow_run(cfg)
-    version = log_model_version(cfg, uri, run_id, checkpoint_path=trained.checkpoint_path, data=data,
-                                result=result)
+    with local_checkpoint(trained) as checkpoint:
+        version = log_model_version(cfg, uri, run_id, checkpoint_path=checkpoint, data=data, result=result)
     with _champion_lock(cfg.registry.model_name):
         reg = champion_gate(cfg, uri, version, data=data, result=result)
     _publish_summary(reg, result, uri, _lineage(data, trained))
