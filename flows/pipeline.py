@@ -230,7 +230,25 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     return reg
 
 
-@flow(name="attention-pipeline", flow_run_name=_flow_run_name, log_prints=True)
+def _close_mlflow_run(status: str):
+    """A flow hook: a failed or crashed flow run leaves its MLflow run FAILED, not RUNNING forever."""
+
+    def hook(flow, flow_run_, state) -> None:
+        from flows.registry import close_pipeline_run
+
+        config = flow_run_.parameters.get("config")
+        cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
+        try:
+            close_pipeline_run(cfg, cfg.tracking_uri(), flow_run_id=str(flow_run_.id), status=status)
+        except Exception as exc:  # noqa: BLE001 - a hook must not mask the flow's own failure
+            print(f"could not mark the MLflow run {status}: {exc}")
+
+    return hook
+
+
+@flow(name="attention-pipeline", flow_run_name=_flow_run_name, log_prints=True,
+      on_failure=[_close_mlflow_run("FAILED")], on_crashed=[_close_mlflow_run("FAILED")],
+      on_cancellation=[_close_mlflow_run("KILLED")])
 def training_pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Registration:
     """Prepare data, train on Ray, evaluate, and register the model in MLflow."""
     data = _prepare_dataset_cached(config)(config)

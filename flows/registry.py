@@ -153,6 +153,21 @@ def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
     return run.info.run_id
 
 
+def close_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: str, status: str) -> str | None:
+    """Mark the flow run's MLflow run FAILED/FINISHED/KILLED if it exists (never creates one)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+                               max_results=1)
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    client.set_terminated(run_id, status=status)
+    return run_id
+
+
 def _local_artifact_location(tracking_uri: str) -> str | None:
     """Beside a SQLite store (<workdir>/mlartifacts) rather than MLflow's default ./mlruns of whatever
     directory the process runs in; a tracking server keeps its own default."""

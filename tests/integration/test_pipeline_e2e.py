@@ -42,3 +42,20 @@ def test_full_pipeline_registers_champion_and_reuses_data(tmp_path: Path, prefec
     runs = client.search_runs([run.info.experiment_id])
     assert len(runs) == 2
     assert client.get_model_version_by_alias(cfg.registry.model_name, "challenger").version == 2
+
+
+def test_failed_flow_marks_its_mlflow_run_failed(tmp_path: Path, prefect_harness, ray_local):
+    from mlflow.tracking import MlflowClient
+
+    from flows.errors import UserError
+    from flows.pipeline import training_pipeline_flow
+
+    # a prompt with a character the char vocabulary of the corpus lacks: evaluation fails (not retried)
+    cfg = load_config(overrides=[f"workdir={tmp_path}", *TINY, "train.num_workers=1", "eval.prompts=['\u2603 snow']"])
+    with pytest.raises(UserError):
+        training_pipeline_flow(config=cfg)
+
+    client = MlflowClient(cfg.tracking_uri())
+    [run] = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
+    assert run.info.status == "FAILED"
+    assert client.search_model_versions(f"name='{cfg.registry.model_name}'") == []
