@@ -59,6 +59,18 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 
+# Dense bf16 peak FLOP/s by device name fragment: the denominator of MFU (nanoGPT's estimate_mfu).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's bf16 peak FLOP/s when known (H100/H200/A100), else None (CPUs and other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
 def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warmup from lr/(warmup+1) to lr, cosine decay to min_lr at max_steps, then min_lr."""
     if step < 0 or warmup_steps < 0 or max_steps < 0:

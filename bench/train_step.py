@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from attention_core import ModelConfig, Transformer, configure_optimizer, train_step  # noqa: E402
+from attention_core import ModelConfig, Transformer, configure_optimizer, peak_flops, train_step  # noqa: E402
 
 PRESETS = {
     # nanoGPT's CPU "baby GPT" command (README / ANCHORS.md): shakespeare_char's 65-symbol vocabulary
@@ -34,17 +34,6 @@ PRESETS = {
     "gpt2-124m": dict(model=dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
                       batch_size=16, device="cuda", dtype="bfloat16"),
 }
-
-# dense bf16 peak FLOP/s by device name (what nanoGPT's estimate_mfu divides by)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

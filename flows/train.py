@@ -36,14 +36,12 @@ from attention_core import (
     Transformer,
     configure_optimizer,
     lr_at,
+    peak_flops,
     train_step,
     unwrap_model,
 )
 from flows.config import PipelineConfig
 from flows.data import PreparedData
-
-# bf16 dense peak FLOP/s by device name fragment, for MFU.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 class FaultInjection(BaseModel):
@@ -167,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = _autocast_dtype(tc.precision, device)
     logger = _MetricsLogger(job, cfg, world, device) if rank == 0 else None
     tokens_per_step = global_batch_tokens(cfg) // tc.num_workers * world
-    flops_per_token, peak = raw.flops_per_token(), _peak_flops(device)
+    flops_per_token, peak = raw.flops_per_token(), peak_flops(device)
     t_start = t_last = time.perf_counter()
     steps_since = 0
     last: dict[str, float] = {}
@@ -312,13 +310,6 @@ def _autocast_dtype(precision: str, device: torch.device):
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 class _MetricsLogger:

@@ -229,3 +229,9 @@ def test_unwrap_model():
     assert unwrap_model(torch.compile(model)) is model
     with pytest.raises(TypeError, match="Transformer"):
         unwrap_model(nn.Linear(2, 2))
+
+
+def test_peak_flops_is_known_only_for_listed_gpus():
+    from attention_core import peak_flops
+
+    assert peak_flops(torch.device("cpu")) is None
