@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from attention_core import ModelConfig, Transformer
-from attention_core.training import load_weights
+from attention_core import load_model
 from flows.tokenizer import load_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
@@ -33,10 +32,7 @@ def export_model_pack(checkpoint_dir: str | Path, data_dir: str | Path, out_dir:
 def load_model_pack(directory: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer) from a directory written by export_model_pack."""
     directory = Path(directory)
-    config = ModelConfig.from_dict(json.loads((directory / CONFIG).read_text()))
-    model = Transformer(config)
-    load_weights(model, directory / WEIGHTS)
-    return model.to(device).eval(), load_tokenizer(directory / TOKENIZER)
+    return load_model(directory, map_location=device), load_tokenizer(directory / TOKENIZER)
 
 
 def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.8,
