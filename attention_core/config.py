@@ -2,9 +2,12 @@
 
 `ModelConfig` says everything needed to build a `Transformer`: sizes, the positional scheme,
 the normalisation and MLP flavours, grouped-query attention, and whether the model is a causal
-decoder or a bidirectional encoder. Every mistake a user can make is raised as `ConfigError`
-(a `ValueError`) whose message starts with the name of the offending field, so a pipeline can
-point at the exact key. `to_dict` / `from_dict` round-trip through JSON (checkpoints store it).
+decoder or a bidirectional encoder. It is also the pipeline's `model` config section (litgpt's way:
+the model's own config is the YAML and CLI type), so each field carries its one-line docstring,
+and `vocab_size` may stay None until a tokenizer fills it in (`with_vocab`). Every mistake a user
+can make is raised as `ConfigError` (a `ValueError`) whose message starts with the name of the
+offending field, so a pipeline can point at the exact key. `to_dict` / `from_dict` round-trip
+through JSON (checkpoints store it).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
-POSITIONS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
-ATTN_IMPLS = ("fused", "explicit")
+Position = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+Mlp = Literal["gelu", "swiglu"]
+AttnImpl = Literal["fused", "explicit"]
+POSITIONS, NORMS, MLPS, ATTN_IMPLS = (get_args(t) for t in (Position, Norm, Mlp, AttnImpl))
 
 
 class ConfigError(ValueError):
@@ -26,26 +30,45 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    vocab_size: int
-    block_size: int = 256  # longest context; learned positions have exactly this many rows
+    vocab_size: int | None = None
+    """Tokens in the vocabulary; None until the tokenizer is known (a model needs it)."""
+    block_size: int = 128
+    """Longest context in tokens; learned positions have exactly this many rows."""
     n_layer: int = 4
+    """Transformer blocks."""
     n_head: int = 4
-    n_kv_head: int | None = None  # None means n_head (multi-head); 1 is multi-query; must divide n_head
+    """Attention heads per block."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention): None means n_head, 1 is multi-query; divides n_head."""
     n_embd: int = 128
-    pos: str = "learned"  # "learned" | "rope"
+    """Model width; divisible by n_head."""
+    pos: Position = "learned"
+    """Position encoding."""
     rope_theta: float = 10000.0
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    mlp: str = "gelu"  # "gelu" | "swiglu"
-    mlp_hidden: int | None = None  # None: 4*n_embd for gelu, ~8/3*n_embd (multiple of 8) for swiglu
-    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention
-    bias: bool = False  # biases in Linear layers and LayerNorm (GPT-2 had them; not needed)
+    """RoPE base frequency."""
+    norm: Norm = "layernorm"
+    """Normalisation layer."""
+    mlp: Mlp = "gelu"
+    """Feed-forward type."""
+    mlp_hidden: int | None = None
+    """MLP hidden width; None: 4*n_embd for gelu, ~8/3*n_embd (a multiple of 8) for swiglu."""
+    qk_norm: bool = False
+    """RMSNorm on each head's queries and keys before attention."""
+    bias: bool = False
+    """Biases in Linear layers and LayerNorm (GPT-2 had them; not needed)."""
     dropout: float = 0.0
-    tie_embeddings: bool = True  # lm_head shares its weight with the token embedding
-    causal: bool = True  # True: decoder language model; False: bidirectional encoder
-    attn_impl: str = "fused"  # "fused" | "explicit": default path of every attention module
+    """Dropout probability, in [0, 1)."""
+    tie_embeddings: bool = True
+    """The output head shares its weight with the token embedding."""
+    causal: bool = True
+    """True: decoder language model; False: bidirectional encoder."""
+    attn_impl: AttnImpl = "fused"
+    """Default attention path of every layer: fused (SDPA kernels) or explicit."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if self.vocab_size is not None:
+            _check_positive_int("vocab_size", self.vocab_size)
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
             _check_positive_int(name, getattr(self, name))
         if self.n_kv_head is not None:
             _check_positive_int("n_kv_head", self.n_kv_head)
@@ -92,6 +115,10 @@ class ModelConfig:
         # SwiGLU has three matrices instead of two: 2/3 of 4*n_embd keeps the parameter count of
         # the GELU MLP (LLaMA's choice), rounded up to a multiple of 8 for friendlier matmuls.
         return 8 * math.ceil(8 * self.n_embd / 3 / 8)
+
+    def with_vocab(self, vocab_size: int) -> ModelConfig:
+        """A copy with vocab_size filled in (from the tokenizer), validated again."""
+        return dataclasses.replace(self, vocab_size=vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict of every field (None stays None)."""

@@ -1,6 +1,8 @@
-"""The command line: `python -m flows run|generate ...` (also installed as `attention-pipeline`).
+"""The command line: `python -m flows run|submit|generate|serve ...` (also installed as `attention-pipeline`).
 
-Errors a user can cause print one line on stderr and exit with code 2; `--debug` shows the traceback.
+This is the edge: the environment (MLFLOW_TRACKING_URI, RAY_ADDRESS, RAY_API_SERVER_ADDRESS) is read
+here, once, into the config or the call; nothing deeper reads it. Errors a user can cause print one
+line on stderr and exit with code 2; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="pipeline config (YAML)")
+    p.add_argument("--config-json", metavar="JSON", help="a whole pipeline config as JSON (what `submit` ships)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
 
@@ -64,14 +67,18 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
-def cmd_run(args) -> int:
-    from flows.config import load_config
-    from flows.data import resolve_source
-    from flows.train import model_config_for
+def _load_config(args):
+    """The config of --config/--config-json and --set, with the environment filled in (the edge)."""
+    from flows.config import load_config, with_environment
 
-    cfg = load_config(args.config, args.overrides)
-    resolve_source(cfg.data.source)      # fail fast on a missing path, before any service starts
-    model_config_for(cfg, vocab_size=256)  # and on model options attention_core rejects
+    return with_environment(load_config(args.config, args.overrides, json_text=args.config_json))
+
+
+def cmd_run(args) -> int:
+    from flows.data import resolve_source
+
+    cfg = _load_config(args)
+    resolve_source(cfg.data.source)  # fail fast on a missing path, before any service starts
     from flows.pipeline import training_pipeline_flow
 
     reg = training_pipeline_flow(config=cfg)
@@ -83,10 +90,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from flows.config import load_config
     from flows.mlflow_model import generate
 
-    uri = args.tracking_uri or load_config(args.config, args.overrides).tracking_uri()
+    uri = args.tracking_uri or _load_config(args).tracking_uri()
     text = generate(args.model_uri, args.prompt, tracking_uri=uri, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print(args.prompt + text)
@@ -94,14 +100,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from flows.config import apply_overrides, load_config, validate_config
+    from flows.config import apply_overrides, validate_config
     from flows.pipeline import nightly_deployment, serve_nightly
 
     nightly = nightly_deployment()
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
+    if args.config or args.config_json:
+        cfg = _load_config(args)
     else:  # the nightly deployment's parameters, with --set on top
         cfg = validate_config(apply_overrides(nightly["config"], args.overrides))
+    # The served flow reads the environment where each run starts: nothing of this one's is baked in.
     serve_nightly(cfg, cron=args.cron or nightly["cron"], timezone=args.timezone or nightly["timezone"],
                   name=args.name)
     return 0
@@ -110,7 +117,10 @@ def cmd_serve(args) -> int:
 def cmd_submit(args) -> int:
     from flows.submit import submit_pipeline
 
-    return submit_pipeline(args.address, config=args.config, overrides=args.overrides, wait=args.wait, pip=args.pip)
+    # The job's own `run` reads the cluster's environment; only the address comes from this one.
+    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    return submit_pipeline(address, config=args.config, config_json=args.config_json, overrides=args.overrides,
+                           wait=args.wait, pip=args.pip, environ=os.environ)
 
 
 class _NoUserErrorTracebacks(logging.Filter):
@@ -123,8 +133,7 @@ class _NoUserErrorTracebacks(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             return not is_user_error(record.exc_info[1])
         message = record.getMessage()
-        return not ("Traceback (most recent call last)" in message
-                    and ("flows.errors.UserError" in message or "attention_core.config.ConfigError" in message))
+        return not ("Traceback (most recent call last)" in message and "flows.errors.UserError" in message)
 
 
 def _hide_user_error_tracebacks() -> None:

@@ -1,25 +1,38 @@
 """PipelineConfig: the one typed configuration of the pipeline, end to end.
 
-It is read from an optional YAML file, then `--set dotted.key=value` overrides (values parsed as YAML
-scalars), and it travels unchanged to Prefect tasks and, as `cfg.model_dump()`, to Ray workers, whose
-first line validates it back. Every field carries a description so the Prefect UI form explains itself.
-Unknown keys and invalid values raise `UserError` naming the dotted key.
+It is read from an optional YAML file (or a whole config as JSON), then `--set dotted.key=value`
+overrides, each value parsed by its field's type; the environment (MLFLOW_TRACKING_URI, RAY_ADDRESS)
+is read once, at the edge, by `with_environment`. It travels unchanged to Prefect tasks and, as
+`cfg.model_dump()`, to Ray workers, whose first line validates it back. Its `model` section is
+attention_core's ModelConfig itself, so the model's fields, defaults and checks exist once. Every
+field carries a description so the Prefect UI form explains itself. Unknown keys and invalid values
+raise `UserError` naming the dotted key.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from attention_core import ModelConfig
 from flows.errors import UserError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Attribute docstrings describe the fields of `model` (attention_core's ModelConfig, a plain
+    # dataclass) in the JSON schema and the Prefect UI form; numbers given for a string key
+    # (`run_name: 2024` in YAML) are that string, not an error.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              coerce_numbers_to_str=True)
 
 
 class DataConfig(_Section):
@@ -46,33 +59,6 @@ class DataConfig(_Section):
     num_proc: int | None = Field(
         None, ge=1, description="Processes for tokenization; default: all cores (fewer for corpora under 8 MB each)."
     )
-
-
-class ModelSection(_Section):
-    n_layer: int = Field(4, ge=1, description="Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads per block.")
-    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads (grouped-query attention); default n_head.")
-    n_embd: int = Field(128, ge=1, description="Model width; divisible by n_head.")
-    block_size: int = Field(128, ge=2, description="Context length in tokens.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability.")
-    pos: Literal["learned", "rope"] = Field("learned", description="Position encoding.")
-    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
-    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalisation layer.")
-    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward type.")
-    qk_norm: bool = Field(False, description="Normalise queries and keys per head.")
-    bias: bool = Field(False, description="Biases in linear and norm layers.")
-    tie_embeddings: bool = Field(True, description="Share the token embedding with the output head.")
-    attn_impl: Literal["fused", "explicit"] = Field("fused", description="fused (SDPA kernels) or explicit attention.")
-
-    @model_validator(mode="after")
-    def _check_heads(self) -> "ModelSection":
-        if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd: {self.n_embd} is not divisible by model.n_head={self.n_head}")
-        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
-            raise ValueError(f"model.n_kv_head: {self.n_kv_head} does not divide model.n_head={self.n_head}")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"model.pos: rope needs an even head dimension, got n_embd/n_head={self.n_embd // self.n_head}")
-        return self
 
 
 class TrainSection(_Section):
@@ -108,7 +94,9 @@ class TrainSection(_Section):
     )
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from by restarting from the last checkpoint.")
     seed: int = Field(1337, description="Seed for initialisation and batch sampling.")
-    ray_address: str | None = Field(None, description="Ray cluster to join (else RAY_ADDRESS, else a local Ray).")
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join; unset: RAY_ADDRESS (read by the CLI and the flow), else a local Ray."
+    )
     storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints; default <workdir>/ray_results.")
     run_name: str | None = Field(None, description="Ray Train run name; default derived from the flow run so retries resume.")
 
@@ -135,6 +123,10 @@ class EvalSection(_Section):
 
 
 class RegistrySection(_Section):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; unset: MLFLOW_TRACKING_URI (read by the CLI and the flow), "
+        "else a SQLite store under workdir."
+    )
     experiment: str = Field("attention-pipeline", description="MLflow experiment.")
     model_name: str = Field("attention-transformer", description="Registered model name.")
     min_improvement: float = Field(
@@ -145,7 +137,10 @@ class RegistrySection(_Section):
 class PipelineConfig(_Section):
     workdir: str = Field("workdir", description="All local state: prepared data, Ray results, MLflow store.")
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelSection = Field(default_factory=ModelSection)
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The model: attention_core's ModelConfig itself (vocab_size comes from the prepared data).",
+    )
     train: TrainSection = Field(default_factory=TrainSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
@@ -154,9 +149,21 @@ class PipelineConfig(_Section):
     def workdir_path(self) -> Path:
         return Path(self.workdir).expanduser().resolve()
 
+    @model_validator(mode="after")
+    def _check_model(self) -> "PipelineConfig":
+        if self.model.vocab_size is not None:
+            raise ValueError("model.vocab_size: set by the prepared data's tokenizer (data.vocab_size for bpe), "
+                             "not by the config")
+        if not self.model.causal:
+            raise ValueError("model.causal: the pipeline trains a language model, which needs causal: true")
+        if self.eval.max_tokens is not None and self.eval.max_tokens < self.model.block_size:
+            raise ValueError(f"eval.max_tokens: {self.eval.max_tokens} is less than one evaluation window of "
+                             f"model.block_size={self.model.block_size}")
+        return self
+
     def tracking_uri(self) -> str:
-        """MLFLOW_TRACKING_URI when set, else a SQLite store under workdir (no server to start)."""
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
+        """registry.tracking_uri, else a SQLite store under workdir (no server to start)."""
+        return self.registry.tracking_uri or f"sqlite:///{self.workdir_path / 'mlflow.db'}"
 
     def storage_path(self) -> str:
         return self.train.storage_path or str(self.workdir_path / "ray_results")
@@ -166,8 +173,10 @@ def _format_validation_error(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
         return f"unknown config key '{key}'"
+    if key == "model" and first["type"] == "value_error" and not msg.startswith("model."):
+        msg = f"model.{msg}"  # attention_core's ConfigError names the field without its section
     if msg.startswith((f"{key}:", f"{key}.")) or (not key and ":" in msg):
         return msg
     value = first.get("input")
@@ -183,17 +192,57 @@ def validate_config(data: dict[str, Any]) -> PipelineConfig:
         raise UserError(f"invalid config: {_format_validation_error(err)}") from None
 
 
+# --------------------------------------------------------------------------------------- --set overrides
+_NULLS = {"null", "none", "~"}
+
+
+def _field_type(path: list[str]) -> Any:
+    """The annotation of a dotted config key, walking sections (pydantic models and the model dataclass)."""
+    node: Any = PipelineConfig
+    for i, part in enumerate(path):
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            fields = {name: f.annotation for name, f in node.model_fields.items()}
+        elif dataclasses.is_dataclass(node):
+            fields = typing.get_type_hints(node)
+        else:
+            raise UserError(f"unknown config key '{'.'.join(path)}': '{'.'.join(path[:i])}' is not a section")
+        if part not in fields:
+            raise UserError(f"unknown config key '{'.'.join(path[: i + 1])}'")
+        node = fields[part]
+    return node
+
+
+def _parse_value(annotation: Any, raw: str) -> Any:
+    """A --set value read by its field's type: strings verbatim (`data.source=123` is the string '123'),
+    null/none/~ for an optional key, lists and sections as YAML (`eval.prompts=[a, b]`); numbers and booleans go to
+    pydantic as text, which parses them by the field's type (`3e-4` for a float, `true` for a bool)."""
+    args = typing.get_args(annotation)
+    optional = type(None) in args
+    kinds = [a for a in args if a is not type(None)] if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else [annotation]
+    if optional and raw.strip().lower() in _NULLS:
+        return None
+    base = kinds[0] if len(kinds) == 1 else None
+    if base is str or typing.get_origin(base) is Literal:
+        return raw
+    structured = base in (list, dict) or dataclasses.is_dataclass(base) or (
+        isinstance(base, type) and issubclass(base, BaseModel))
+    if typing.get_origin(base) in (list, dict) or structured:
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw  # pydantic reports it, naming the key
+    return raw.strip()
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is read as a YAML scalar."""
+    """'train.lr=3e-4' -> (['train', 'lr'], '3e-4'), the value parsed by the field's type (`_parse_value`)."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UserError(f"--set expects key=value, got {item!r}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+    path = key.split(".")
+    return path, _parse_value(_field_type(path), raw)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -209,10 +258,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """YAML file (optional) + `key=value` overrides -> validated PipelineConfig."""
+# --------------------------------------------------------------------------------------- loading
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
+                json_text: str | None = None) -> PipelineConfig:
+    """YAML file (optional) or a whole config as JSON (`flows submit` ships one), then `key=value`
+    overrides -> validated PipelineConfig."""
     data: dict[str, Any] = {}
-    if path is not None:
+    if path is not None and json_text is not None:
+        raise UserError("give --config or --config-json, not both")
+    if json_text is not None:
+        try:
+            data = json.loads(json_text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"--config-json is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise UserError("--config-json must hold an object")
+    elif path is not None:
         p = Path(path)
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
@@ -224,3 +285,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise UserError(f"config file {p} must hold a mapping at the top level")
         data = loaded or {}
     return validate_config(apply_overrides(data, list(overrides or [])))
+
+
+# --------------------------------------------------------------------------------------- the environment
+# Read once, at the edge (the CLI, the flow's entry), into the config; nothing deeper reads os.environ.
+FROM_ENVIRONMENT = {("registry", "tracking_uri"): "MLFLOW_TRACKING_URI", ("train", "ray_address"): "RAY_ADDRESS"}
+
+
+def with_environment(cfg: PipelineConfig, environ: Mapping[str, str] | None = None) -> PipelineConfig:
+    """cfg with each unset key of FROM_ENVIRONMENT filled from its environment variable."""
+    environ = os.environ if environ is None else environ
+    update: dict[str, dict[str, str]] = {}
+    for (section, key), variable in FROM_ENVIRONMENT.items():
+        if getattr(getattr(cfg, section), key) is None and environ.get(variable):
+            update.setdefault(section, {})[key] = environ[variable]
+    if not update:
+        return cfg
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)
+                                  for section, values in update.items()})

@@ -12,11 +12,6 @@ class UserError(Exception):
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """True for errors a retry cannot fix (ours, and attention_core's config validation)."""
-    if isinstance(exc, UserError):
-        return True
-    try:
-        from attention_core import ConfigError
-    except ImportError:  # pragma: no cover - attention_core is always installed with flows
-        return False
-    return isinstance(exc, ConfigError)
+    """True for errors a retry cannot fix. attention_core's ConfigError never reaches this far: the
+    model config is validated with the rest of the pipeline config, into a UserError."""
+    return isinstance(exc, UserError)

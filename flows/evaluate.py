@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig
 from flows.data import PreparedData
+from flows.errors import UserError
 
 ATTENTION_TOKENS = 24  # tokens on each axis of the attention heatmaps: more are unreadable
 
@@ -65,7 +66,11 @@ def window_count(n_tokens: int, block_size: int, max_tokens: int | None = None) 
     if max_tokens is not None:
         usable = min(usable, max_tokens)
     if usable < block_size:
-        raise ValueError(f"validation split of {n_tokens} tokens is shorter than one window of {block_size + 1}")
+        if max_tokens is not None and max_tokens < block_size:
+            raise UserError(f"eval.max_tokens: {max_tokens} is less than one window of model.block_size={block_size}")
+        raise UserError(f"validation split of {n_tokens} tokens is shorter than one window of {block_size + 1} "
+                        "(model.block_size + 1): use a larger corpus, a larger data.val_fraction or a smaller "
+                        "model.block_size")
     return usable // block_size
 
 

@@ -25,7 +25,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, with_environment
 from flows.data import PreparedData
 from flows.errors import is_user_error
 from flows.evaluate import EvalResult
@@ -238,6 +238,7 @@ def _close_mlflow_run(status: str):
 
         config = flow_run_.parameters.get("config")
         cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
+        cfg = with_environment(cfg)  # as the flow saw it
         try:
             close_pipeline_run(cfg, cfg.tracking_uri(), flow_run_id=str(flow_run_.id), status=status)
         except Exception as exc:  # noqa: BLE001 - a hook must not mask the flow's own failure
@@ -251,6 +252,7 @@ def _close_mlflow_run(status: str):
       on_cancellation=[_close_mlflow_run("KILLED")])
 def training_pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Registration:
     """Prepare data, train on Ray, evaluate, and register the model in MLflow."""
+    config = with_environment(config)  # the flow's entry: MLFLOW_TRACKING_URI, RAY_ADDRESS where it runs
     data = _prepare_dataset_cached(config)(config)
     trained = train_model_task(config, data)
     result = evaluate_model_task(config, data, trained)
@@ -259,16 +261,17 @@ def training_pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Registr
 
 # --------------------------------------------------------------------------------------- serving
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
-# What prefect.yaml's `nightly` deployment holds, for an installed copy without the file (a test keeps them equal).
-NIGHTLY = {"cron": "0 2 * * *", "timezone": "Europe/Berlin", "config": {"workdir": "workdir"}}
 
 
 def nightly_deployment(path: Path = PREFECT_YAML) -> dict:
-    """{'cron', 'timezone', 'config'} of the `nightly` deployment in prefect.yaml (NIGHTLY without one)."""
+    """{'cron', 'timezone', 'config'} of the `nightly` deployment in prefect.yaml, the one place they live."""
     import yaml
 
+    from flows.errors import UserError
+
     if not path.is_file():
-        return dict(NIGHTLY)
+        raise UserError(f"{path} not found: `flows serve` reads the nightly schedule from the project's "
+                        "prefect.yaml; pass --cron, --timezone and --config to serve without it")
     spec = next(d for d in yaml.safe_load(path.read_text())["deployments"] if d["name"] == "nightly")
     schedule = spec["schedules"][0]
     return {"cron": schedule["cron"], "timezone": schedule["timezone"], "config": spec["parameters"]["config"]}

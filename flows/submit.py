@@ -1,18 +1,20 @@
 """Submit the pipeline to a Ray cluster as a Ray Job: `python -m flows submit --address http://HEAD:8265`.
 
-The job runs `python -m flows run` with the same config as a local run (the YAML file's sections and
-the `--set` overrides travel in the entrypoint), the project directory as the runtime env's
+The job runs `python -m flows run --config-json ...` with the config validated here, once, and shipped
+whole as JSON (the cluster's `run` reads it back as it is), the project directory as the runtime env's
 working_dir (without .venv, workdir, .git, secrets and large files), the project's pip requirements
 from pyproject.toml minus Ray itself (the cluster already runs Ray; `--no-pip` skips the install for
 images that hold the project), and MLFLOW_TRACKING_URI / PREFECT_API_URL passed through. Nothing
 else from this machine's environment is shipped: credentials for MLflow or S3 belong on the cluster
-nodes, and the Ray token (RAY_AUTH_TOKEN) only authenticates this client's requests.
+nodes, and the Ray token (RAY_AUTH_TOKEN) only authenticates this client's requests. The environment
+is the caller's to pass (`environ`, the CLI's os.environ): this module reads none of its own.
 An unreachable dashboard or a rejected token is a `UserError` (one line, exit code 2).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shlex
@@ -20,9 +22,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, TextIO
-
-import yaml
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
 
 from flows.config import load_config
 from flows.errors import UserError
@@ -77,9 +78,8 @@ def large_file_excludes(project_dir: Path, limit: int = LARGE_FILE_BYTES) -> lis
 
 
 def build_runtime_env(project_dir: Path = PROJECT_DIR, *, pip: bool = True,
-                      environ: dict[str, str] | None = None) -> dict[str, Any]:
+                      environ: Mapping[str, str]) -> dict[str, Any]:
     """The job's runtime_env: working_dir + excludes, pip requirements (optional), passed-through env."""
-    environ = os.environ if environ is None else environ
     env_vars = {k: environ[k] for k in PASSTHROUGH_ENV if environ.get(k)}
     env_vars["PYTHONUNBUFFERED"] = "1"  # stream the driver's prints as they happen
     runtime_env: dict[str, Any] = {
@@ -93,36 +93,19 @@ def build_runtime_env(project_dir: Path = PROJECT_DIR, *, pip: bool = True,
     return runtime_env
 
 
-def _flow_yaml(value: Any) -> str:
-    """One YAML flow-style value that `--set` reads back unchanged (yaml.safe_load round-trips it)."""
-    text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
-    return text.removesuffix("\n").removesuffix("\n...").rstrip("\n")
-
-
-def pipeline_args(config: str | None, overrides: Iterable[str]) -> list[str]:
-    """`run` arguments reproducing this config on the cluster: each top-level key of the YAML file
-    as one `--set key=<flow YAML>`, then the user's overrides. Validated here, before any upload."""
-    overrides = list(overrides)
-    load_config(config, overrides)  # a bad key or value fails here, naming it, not on the cluster
-    args: list[str] = []
-    if config is not None:
-        data = yaml.safe_load(Path(config).read_text()) or {}
-        for key, value in data.items():
-            args += ["--set", f"{key}={_flow_yaml(value)}"]
-    for item in overrides:
-        args += ["--set", item]
-    return args
-
-
-def build_entrypoint(config: str | None, overrides: Iterable[str]) -> str:
-    return shlex.join(["python", "-m", "flows", "run", *pipeline_args(config, overrides)])
+def build_entrypoint(config: str | None, overrides: Iterable[str], *, config_json: str | None = None) -> str:
+    """`python -m flows run --config-json <the validated config>`: validated here, before any upload, so a
+    bad key or value fails on this machine, naming it; the cluster parses the JSON once and re-encodes nothing.
+    Keys left unset (registry.tracking_uri, train.ray_address) stay unset, for the job's environment to fill."""
+    cfg = load_config(config, list(overrides), json_text=config_json)
+    payload = json.dumps(cfg.model_dump(mode="json"), separators=(",", ":"))
+    return shlex.join(["python", "-m", "flows", "run", "--config-json", payload])
 
 
 # --------------------------------------------------------------------------------- the cluster
-def _auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
+def _auth_headers(environ: Mapping[str, str]) -> dict[str, str]:
     """Bearer header from RAY_AUTH_TOKEN or the file named by RAY_AUTH_TOKEN_PATH (Ray token auth).
     Without either, Ray's client adds ~/.ray/auth_token itself when RAY_AUTH_MODE=token."""
-    environ = os.environ if environ is None else environ
     token = environ.get("RAY_AUTH_TOKEN", "").strip()
     path = environ.get("RAY_AUTH_TOKEN_PATH")
     if not token and path:
@@ -135,9 +118,10 @@ def _auth_headers(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 def normalize_address(address: str | None) -> str:
     """http(s)://host:port of the Ray dashboard (Jobs API); a bare host:port gets http://."""
-    address = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or "").strip().rstrip("/")
+    address = (address or "").strip().rstrip("/")
     if not address:
-        raise UserError("--address is required: the Ray dashboard, e.g. http://HEAD:8265")
+        raise UserError("--address (or RAY_API_SERVER_ADDRESS) is required: the Ray dashboard, "
+                        "e.g. http://HEAD:8265")
     if address.startswith("ray://"):
         raise UserError(f"--address {address}: give the dashboard (Jobs API) address, e.g. http://HEAD:8265, "
                         "not a Ray Client address")
@@ -180,7 +164,7 @@ def check_cluster(address: str, headers: dict[str, str], timeout: float = CONNEC
     return version
 
 
-def connect(address: str, environ: dict[str, str] | None = None):
+def connect(address: str, environ: Mapping[str, str]):
     """A JobSubmissionClient for a reachable, authorised cluster at a normalized address (else UserError)."""
     headers = _auth_headers(environ)
     check_cluster(address, headers)  # before importing Ray: a wrong address fails in milliseconds
@@ -227,15 +211,18 @@ def wait_for_job(client, job_id: str, out: TextIO, poll_s: float = 2.0):
     return status
 
 
-def submit_pipeline(address: str | None, *, config: str | None = None, overrides: Iterable[str] = (),
-                    wait: bool = True, pip: bool = True, project_dir: Path = PROJECT_DIR,
-                    out: TextIO | None = None) -> int:
-    """Submit `python -m flows run` as a Ray Job; with `wait`, stream its logs and return 0 on SUCCEEDED."""
+def submit_pipeline(address: str | None, *, config: str | None = None, config_json: str | None = None,
+                    overrides: Iterable[str] = (), wait: bool = True, pip: bool = True,
+                    project_dir: Path = PROJECT_DIR, out: TextIO | None = None,
+                    environ: Mapping[str, str] | None = None) -> int:
+    """Submit `python -m flows run` as a Ray Job; with `wait`, stream its logs and return 0 on SUCCEEDED.
+    environ: the caller's environment (the CLI passes os.environ; None: an empty one)."""
     out = out or sys.stdout
-    entrypoint = build_entrypoint(config, overrides)
-    runtime_env = build_runtime_env(project_dir, pip=pip)
+    environ = {} if environ is None else environ
+    entrypoint = build_entrypoint(config, overrides, config_json=config_json)
+    runtime_env = build_runtime_env(project_dir, pip=pip, environ=environ)
     address = normalize_address(address)
-    client = connect(address)
+    client = connect(address, environ)
     with _as_user_errors(address):
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                    submission_id=new_submission_id(),

@@ -78,8 +78,8 @@ class TrainResult(BaseModel):
 
 
 def model_config_for(cfg: PipelineConfig, vocab_size: int) -> ModelConfig:
-    """Translate the pipeline's model section into attention_core's ModelConfig."""
-    return ModelConfig(vocab_size=vocab_size, **cfg.model.model_dump())
+    """The pipeline's model section (attention_core's ModelConfig) with the tokenizer's vocabulary size."""
+    return cfg.model.with_vocab(vocab_size)
 
 
 def global_batch_tokens(cfg: PipelineConfig) -> int:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attention_core import ModelConfig, Transformer
+from flows.errors import UserError
 from flows.evaluate import attention_example, evaluate_pack, score_split, window_count
 from flows.tokenizer import CharTokenizer
 
@@ -32,8 +33,11 @@ def test_window_count_uses_the_whole_split(n_tokens, block, max_tokens, expected
 
 
 def test_window_count_rejects_a_split_shorter_than_one_window():
-    with pytest.raises(ValueError, match="shorter than one window"):
+    # a user error (never retried), naming what to change
+    with pytest.raises(UserError, match="shorter than one window.*model.block_size"):
         window_count(8, 8)
+    with pytest.raises(UserError, match="eval.max_tokens: 4"):
+        window_count(100, 8, 4)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 64])

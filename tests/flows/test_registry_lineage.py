@@ -12,7 +12,7 @@ import yaml
 
 from flows.config import load_config, validate_config
 from flows.evaluate import EvalResult
-from flows.pipeline import NIGHTLY, PREFECT_YAML, DataFingerprintCache, dataset_label, nightly_deployment, run_name_for
+from flows.pipeline import PREFECT_YAML, DataFingerprintCache, dataset_label, run_name_for
 from flows.registry import GateDecision, Registration, git_tags, library_versions, run_url, summary_markdown
 
 
@@ -98,11 +98,6 @@ def test_data_cache_key_follows_the_content_fingerprint(tmp_path):
     corpus.write_text("hello there\n" * 50)
     assert key() != first                                # and so does the content
     assert policy.compute_key(None, {"cfg": load_config(overrides=["data.source=/no/such/file"])}, {}) is None
-
-
-def test_nightly_fallback_matches_prefect_yaml():
-    assert nightly_deployment() == {**NIGHTLY, "config": nightly_deployment()["config"]}
-    assert nightly_deployment(Path("/nonexistent/prefect.yaml")) == NIGHTLY
 
 
 def test_prefect_yaml_deployments():

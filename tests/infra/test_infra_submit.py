@@ -45,7 +45,7 @@ def _reparse(entrypoint: str):
     argv = shlex.split(entrypoint)
     assert argv[:4] == ["python", "-m", "flows", "run"]
     args = build_parser().parse_args(argv[3:])
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides, json_text=args.config_json)
 
 
 # ------------------------------------------------------------------------------------ entrypoint
@@ -63,10 +63,15 @@ def test_entrypoint_reproduces_file_and_overrides(tmp_path: Path, overrides):
     assert str(config) not in entrypoint  # the file's content travels, not its local path
 
 
-def test_entrypoint_without_config_is_the_overrides():
-    entrypoint = build_entrypoint(None, ["train.num_workers=2", "data.source=/data/corpus*.txt"])
-    assert entrypoint == "python -m flows run --set train.num_workers=2 --set 'data.source=/data/corpus*.txt'"
-    assert _reparse(entrypoint).train.num_workers == 2
+def test_entrypoint_ships_the_validated_config_once_as_json():
+    entrypoint = build_entrypoint(None, ["train.num_workers=2", "data.source=/data/corpus*.txt",
+                                         "train.run_name=2024"])
+    argv = shlex.split(entrypoint)
+    assert argv[:5] == ["python", "-m", "flows", "run", "--config-json"] and len(argv) == 6  # nothing re-encoded
+    cfg = _reparse(entrypoint)
+    assert (cfg.train.num_workers, cfg.data.source, cfg.train.run_name) == (2, "/data/corpus*.txt", "2024")
+    # what the job's environment fills stays unset in what is shipped
+    assert cfg.registry.tracking_uri is None and cfg.train.ray_address is None
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -150,12 +155,20 @@ def test_address_normalisation(given, expected):
 @pytest.mark.parametrize(("given", "message"), [
     ("ray://head:10001", "not a Ray Client address"),
     ("ftp://head", "expected http"),
-    (None, "--address is required"),
+    (None, "--address .*is required"),
 ])
-def test_bad_addresses(given, message, monkeypatch):
-    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+def test_bad_addresses(given, message):
     with pytest.raises(UserError, match=message):
         normalize_address(given)
+
+
+def test_address_from_the_environment_is_read_by_the_cli_only(monkeypatch, capsys):
+    port = _closed_port()
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    assert main(["submit", "--no-pip", "--set", "train.max_steps=2"]) == 2  # the CLI took the variable
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err
+    with pytest.raises(UserError, match="is required"):
+        normalize_address(None)  # the module itself reads no environment
 
 
 def test_token_sources(tmp_path: Path):
