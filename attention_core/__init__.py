@@ -4,13 +4,13 @@ The package holds the model (`ModelConfig`, `Transformer`), sampling (`generate`
 training loop needs without any orchestration framework (`configure_optimizer`, `lr_at`,
 `train_step`, `TrainState`). It imports torch, the standard library and safetensors only, and does
 nothing at import time. Read it in this order: config.py, attention.py, model.py, generation.py,
-training.py.
+wrappers.py, training.py.
 """
 
-from .attention import KVCache, SelfAttention, apply_rope, attention_bias, rope_angles
+from .attention import ForwardContext, KVCache, SelfAttention, apply_rope, attention_bias, rope_angles
 from .config import ConfigError, ModelConfig
 from .generation import generate, sample_next_token
-from .model import Transformer, unwrap_model
+from .model import Transformer
 from .training import (
     StepResult,
     TrainState,
@@ -23,9 +23,11 @@ from .training import (
     save_weights,
     train_step,
 )
+from .wrappers import unwrap_model
 
 __all__ = [
     "ConfigError",
+    "ForwardContext",
     "KVCache",
     "ModelConfig",
     "SelfAttention",

@@ -10,12 +10,14 @@ then attends along one of two paths that compute the same function:
   attention weights (what each head attends to).
 
 Masks are boolean with True meaning "may attend". They are built once per forward pass by
-`attention_bias` (causality, left/right padding, the offset of cached keys) and shared by all layers.
+`attention_bias` (causality, left/right padding, the offset of cached keys) and, with the rotary
+angles and the chosen path, travel to every layer in one `ForwardContext`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -127,6 +129,27 @@ def attention_bias(T: int, past: int, causal: bool, attention_mask: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
+# What one forward pass shares across layers
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Everything every layer's attention needs from one forward pass, built once by the Transformer.
+
+    rope: (cos, sin) from `rope_angles`, each (B or 1, 1, T, hs/2), or None for learned positions.
+    mask, is_causal: from `attention_bias`. attn_impl: "fused" or "explicit" for this pass, or None
+    for each module's default. need_weights: take the explicit path and return attention weights.
+    The default context is plain bidirectional attention over the whole input.
+    """
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    mask: torch.Tensor | None = None  # bool, True = may attend, broadcastable to (B, nh, T, T_k)
+    is_causal: bool = False
+    attn_impl: str | None = None
+    need_weights: bool = False
+
+
+# ----------------------------------------------------------------------------------------------
 # The two attention paths
 
 
@@ -175,15 +198,15 @@ class SelfAttention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-5) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None, is_causal: bool = False,
-                kv_cache: KVCache | None = None, attn_impl: str | None = None,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None, *,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x (B, T, C) -> (y (B, T, C), weights (B, nh, T, T_k) or None).
 
-        `mask`/`is_causal` come from `attention_bias`; `attn_impl` overrides the module's default
-        path for this call; `need_weights` forces the explicit path and returns its weights.
+        ctx holds the pass's rotary angles, mask and choice of path (see `ForwardContext`); its
+        `attn_impl` overrides the module's default path, and `need_weights` forces the explicit
+        path and returns its weights. kv_cache, when decoding, holds this layer's earlier keys.
         """
+        ctx = ForwardContext() if ctx is None else ctx
         B, T, C = x.size()
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
@@ -192,18 +215,18 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, nkv, T_k, hs) with T_k = cached + T
 
         dropout_p = self.dropout if self.training else 0.0
-        impl = attn_impl or self.attn_impl
+        impl = ctx.attn_impl or self.attn_impl
         weights = None
-        if impl == "explicit" or need_weights:
-            y, weights = explicit_attention(q, k, v, mask, is_causal, dropout_p)
+        if impl == "explicit" or ctx.need_weights:
+            y, weights = explicit_attention(q, k, v, ctx.mask, ctx.is_causal, dropout_p)
         elif impl == "fused":
-            y = fused_attention(q, k, v, mask, is_causal, dropout_p)
+            y = fused_attention(q, k, v, ctx.mask, ctx.is_causal, dropout_p)
         else:
             raise ValueError(f"attn_impl: {impl!r} is not one of fused, explicit")
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, nh*hs): heads side by side

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import unwrap_model
+from .wrappers import unwrap_model
 
 
 @torch.no_grad()

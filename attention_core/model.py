@@ -17,8 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import KVCache, SelfAttention, attention_bias, rope_angles
+from .attention import ForwardContext, KVCache, SelfAttention, attention_bias, rope_angles
 from .config import ModelConfig
+from .generation import generate
+# re-exported: these lived here before wrappers.py, and training.py still imports them from here
+from .wrappers import strip_wrappers, unwrap_model  # noqa: F401
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -59,10 +62,10 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, *, rope=None, mask=None, is_causal=False, kv_cache=None,
-                attn_impl=None, need_weights=False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, weights = self.attn(self.ln_1(x), rope=rope, mask=mask, is_causal=is_causal,
-                               kv_cache=kv_cache, attn_impl=attn_impl, need_weights=need_weights)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, *,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, T, C) -> (x (B, T, C), this layer's attention weights or None)."""
+        a, weights = self.attn(self.ln_1(x), ctx, kv_cache=kv_cache)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -115,7 +118,8 @@ class Transformer(nn.Module):
         position_ids (B or 1, T): explicit positions; by default they count real tokens, so left
         padding does not shift them. Logits are returned for every position.
         """
-        x, _ = self._run_blocks(idx, attention_mask, kv_cache, attn_impl, position_ids, need_weights=False)
+        x, _ = self._run_blocks(idx, attention_mask=attention_mask, kv_cache=kv_cache, attn_impl=attn_impl,
+                                position_ids=position_ids)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -125,14 +129,39 @@ class Transformer(nn.Module):
     def encode(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                attn_impl: str | None = None) -> torch.Tensor:
         """Final hidden states (B, T, n_embd), for classification or pooling on top of an encoder."""
-        x, _ = self._run_blocks(idx, attention_mask, None, attn_impl, None, need_weights=False)
+        x, _ = self._run_blocks(idx, attention_mask=attention_mask, attn_impl=attn_impl)
         return x
 
-    def _run_blocks(self, idx, attention_mask, kv_cache, attn_impl, position_ids, need_weights):
+    def _run_blocks(self, idx: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                    kv_cache: list[KVCache] | None = None, attn_impl: str | None = None,
+                    position_ids: torch.Tensor | None = None, need_weights: bool = False,
+                    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Embed idx and run every block; returns (normed hidden states (B, T, C), per-layer weights)."""
+        past = self._check_inputs(idx, kv_cache)
+        B, T = idx.size()
+        cfg = self.config
+        if position_ids is None:
+            position_ids = self._position_ids(T, past, attention_mask, idx.device)  # (B or 1, T)
+
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)  # (B or 1, T, C) broadcasts over the batch
+        # built once here and shared by every layer: the mask and angles depend only on positions
+        mask, is_causal = attention_bias(T, past, cfg.causal, attention_mask, idx.device)
+        rope = rope_angles(position_ids, cfg.head_dim, cfg.rope_theta) if cfg.pos == "rope" else None
+        ctx = ForwardContext(rope=rope, mask=mask, is_causal=is_causal, attn_impl=attn_impl,
+                             need_weights=need_weights)
+        x = self.drop(x)
+        all_weights = []
+        for i, block in enumerate(self.h):
+            x, weights = block(x, ctx, kv_cache=None if kv_cache is None else kv_cache[i])
+            all_weights.append(weights)
+        return self.ln_f(x), all_weights
+
+    def _check_inputs(self, idx: torch.Tensor, kv_cache: list[KVCache] | None) -> int:
+        """Raise on a malformed idx or kv_cache; return how many positions the cache already holds."""
         if idx.dim() != 2:
             raise ValueError(f"idx: expected shape (B, T), got {tuple(idx.shape)}")
-        B, T = idx.size()
         cfg = self.config
         if kv_cache is not None:
             if not cfg.causal:
@@ -140,25 +169,10 @@ class Transformer(nn.Module):
             if len(kv_cache) != cfg.n_layer:
                 raise ValueError(f"kv_cache: expected {cfg.n_layer} layers, got {len(kv_cache)}")
         past = kv_cache[0].length if kv_cache is not None else 0
-        if self.wpe is not None and past + T > cfg.block_size:
-            raise ValueError(f"idx: {past + T} positions exceed block_size={cfg.block_size} "
+        if self.wpe is not None and past + idx.size(1) > cfg.block_size:
+            raise ValueError(f"idx: {past + idx.size(1)} positions exceed block_size={cfg.block_size} "
                              "(learned positions; crop the context, as generate does)")
-        if position_ids is None:
-            position_ids = self._position_ids(T, past, attention_mask, idx.device)  # (B or 1, T)
-
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(position_ids)  # (B or 1, T, C) broadcasts over the batch
-        rope = rope_angles(position_ids, cfg.head_dim, cfg.rope_theta) if cfg.pos == "rope" else None
-        mask, is_causal = attention_bias(T, past, cfg.causal, attention_mask, idx.device)
-        x = self.drop(x)
-        all_weights = []
-        for i, block in enumerate(self.h):
-            x, weights = block(x, rope=rope, mask=mask, is_causal=is_causal,
-                               kv_cache=None if kv_cache is None else kv_cache[i],
-                               attn_impl=attn_impl, need_weights=need_weights)
-            all_weights.append(weights)
-        return self.ln_f(x), all_weights
+        return past
 
     @staticmethod
     def _position_ids(T: int, past: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
@@ -192,7 +206,7 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            _, weights = self._run_blocks(idx, None, None, "explicit", None, need_weights=True)
+            _, weights = self._run_blocks(idx, attn_impl="explicit", need_weights=True)
         finally:
             self.train(was_training)
         return torch.stack(weights)[:, 0].float()  # (n_layer, n_head, T, T)
@@ -201,8 +215,6 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
                  eos_token=None, attention_mask=None, **kwargs) -> torch.Tensor:
         """Continue idx by max_new_tokens tokens; see `attention_core.generation.generate`."""
-        from .generation import generate  # generation imports this module: import on use
-
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, eos_token=eos_token, attention_mask=attention_mask, **kwargs)
 
@@ -228,21 +240,3 @@ class Transformer(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * L * H * Q * T
 
-
-def unwrap_model(model: nn.Module) -> Transformer:
-    """The Transformer inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    inner = strip_wrappers(model)
-    if not isinstance(inner, Transformer):
-        raise TypeError(f"model: expected a Transformer (possibly wrapped), got {type(model).__name__}")
-    return inner
-
-
-def strip_wrappers(model: nn.Module) -> nn.Module:
-    """Peel torch.compile and DDP wrappers off any module. (FSDP2 shards in place: nothing to peel.)"""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model

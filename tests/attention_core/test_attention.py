@@ -7,14 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention_core import ModelConfig, Transformer, apply_rope, attention_bias, rope_angles
+from attention_core import Transformer, apply_rope, attention_bias, rope_angles
 from attention_core.attention import causal_mask
-
-
-def tiny(**kwargs) -> ModelConfig:
-    base = dict(vocab_size=32, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    base.update(kwargs)
-    return ModelConfig(**base)
 
 
 def padding_mask(lengths: list[int], T: int, side: str) -> torch.Tensor:
@@ -33,13 +27,13 @@ def attention_cases(draw):
     n_head = draw(st.sampled_from([1, 2, 4]))
     n_kv_head = draw(st.sampled_from([d for d in (1, 2, 4) if n_head % d == 0]))
     head_dim = draw(st.sampled_from([4, 8]))
-    config = tiny(
-        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_head * head_dim,
+    options = dict(  # the overrides of the tiny config: a strategy cannot take the fixture itself
+        n_head=n_head, n_kv_head=n_kv_head, n_embd=n_head * head_dim, block_size=16,
         pos=draw(st.sampled_from(["learned", "rope"])), norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
         mlp=draw(st.sampled_from(["gelu", "swiglu"])), qk_norm=draw(st.booleans()), bias=draw(st.booleans()),
         causal=draw(st.booleans()), tie_embeddings=draw(st.booleans()))
     B = draw(st.integers(1, 3))
-    T = draw(st.integers(1, config.block_size))
+    T = draw(st.integers(1, options["block_size"]))
     padding = draw(st.sampled_from(["none", "left", "right", "holes"]))
     mask = None
     if padding in ("left", "right"):
@@ -49,13 +43,14 @@ def attention_cases(draw):
         mask = torch.tensor(rows, dtype=torch.bool)
         mask[:, -1] = True
     split = draw(st.integers(0, T - 1))  # for the KV-cache check: prefill `split` tokens, then the rest
-    return config, B, T, mask, split, draw(st.integers(0, 2**16))
+    return options, B, T, mask, split, draw(st.integers(0, 2**16))
 
 
 @settings(max_examples=60, deadline=None)
-@given(attention_cases())
-def test_fused_equals_explicit_for_every_option(case):
-    config, B, T, mask, split, seed = case
+@given(case=attention_cases())
+def test_fused_equals_explicit_for_every_option(tiny, case):
+    options, B, T, mask, split, seed = case
+    config = tiny(**options)
     torch.manual_seed(seed)
     model = Transformer(config).eval()
     idx = torch.randint(config.vocab_size, (B, T))
@@ -74,7 +69,7 @@ def test_fused_equals_explicit_for_every_option(case):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_module_default_path_equals_per_call_choice(causal):
+def test_module_default_path_equals_per_call_choice(tiny, causal):
     torch.manual_seed(0)
     fused_model = Transformer(tiny(causal=causal, attn_impl="fused"))
     explicit_model = Transformer(tiny(causal=causal, attn_impl="explicit"))
@@ -87,11 +82,9 @@ def test_module_default_path_equals_per_call_choice(causal):
         fused_model(idx, attn_impl="flash")
 
 
-def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
-    torch.manual_seed(0)
-    mha = Transformer(tiny(n_kv_head=None))
-    torch.manual_seed(0)
-    gqa = Transformer(tiny(n_kv_head=4))
+def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention(tiny_model):
+    mha = tiny_model(n_head=4, n_kv_head=None)
+    gqa = tiny_model(n_head=4, n_kv_head=4)
     idx = torch.randint(32, (2, 12))
     assert all(torch.equal(a, b) for a, b in zip(mha.state_dict().values(), gqa.state_dict().values()))
     assert torch.equal(mha(idx)[0], gqa(idx)[0])
@@ -99,12 +92,12 @@ def test_gqa_with_as_many_kv_heads_as_heads_is_multi_head_attention():
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])
 @pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
-def test_gqa_equals_mha_with_key_value_heads_repeated(n_kv_head, attn_impl):
+def test_gqa_equals_mha_with_key_value_heads_repeated(tiny, n_kv_head, attn_impl):
     """A GQA model computes what an MHA model computes when each group's K/V weights are copied to its heads."""
     torch.manual_seed(0)
-    config = tiny(n_kv_head=n_kv_head, pos="rope", qk_norm=True, bias=True)
+    config = tiny(n_head=4, n_kv_head=n_kv_head, pos="rope", qk_norm=True, bias=True)
     gqa = Transformer(config)
-    mha = Transformer(tiny(n_kv_head=4, pos="rope", qk_norm=True, bias=True))
+    mha = Transformer(tiny(n_head=4, n_kv_head=4, pos="rope", qk_norm=True, bias=True))
     state = dict(gqa.state_dict())
     nh, hs, rep = 4, config.head_dim, 4 // n_kv_head
     for i in range(config.n_layer):
@@ -148,7 +141,7 @@ def test_rope_rotates_but_preserves_norms():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_rope_model_is_invariant_to_shifting_all_positions(causal):
+def test_rope_model_is_invariant_to_shifting_all_positions(tiny, causal):
     torch.manual_seed(0)
     model = Transformer(tiny(pos="rope", causal=causal)).eval()
     idx = torch.randint(32, (2, 10))
@@ -172,7 +165,7 @@ def test_attention_bias_takes_the_fast_path_when_nothing_is_masked():
 
 
 @pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
-def test_rows_of_padding_stay_finite(attn_impl):
+def test_rows_of_padding_stay_finite(tiny, attn_impl):
     model = Transformer(tiny()).eval()
     idx = torch.randint(32, (2, 6))
     mask = padding_mask([2, 6], 6, "left")

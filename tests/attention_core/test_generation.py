@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from attention_core import ModelConfig, Transformer, generate, unwrap_model
+from attention_core import generate, unwrap_model
 
 
-def tiny(**kwargs) -> ModelConfig:
-    base = dict(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=32)
-    base.update(kwargs)
-    return ModelConfig(**base)
-
-
-def model_for(seed=0, **kwargs) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(tiny(**kwargs))
+@pytest.fixture
+def model_for(tiny_model):
+    """The tiny model with block_size 8, so that a few new tokens already run past it."""
+    return functools.partial(tiny_model, block_size=8)
 
 
 OPTION_SETS = [
     dict(),
     dict(pos="rope"),
     dict(pos="rope", n_kv_head=1, qk_norm=True, mlp="swiglu", norm="rmsnorm"),
-    dict(n_kv_head=2, bias=True, tie_embeddings=False),
+    dict(n_head=4, n_kv_head=2, bias=True, tie_embeddings=False),
 ]
 
 
@@ -37,7 +34,7 @@ def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("options", OPTION_SETS)
-def test_greedy_with_cache_equals_full_recomputation(options):
+def test_greedy_with_cache_equals_full_recomputation(model_for, options):
     model = model_for(**options)
     prompt = torch.randint(32, (2, 3))
     # 3 + 15 tokens runs well past block_size = 8: learned positions slide, rope keeps its cache
@@ -47,8 +44,8 @@ def test_greedy_with_cache_equals_full_recomputation(options):
     assert torch.equal(cached, recomputed)
 
 
-def test_cached_logits_equal_full_logits():
-    model = model_for(pos="rope", n_kv_head=2).eval()
+def test_cached_logits_equal_full_logits(model_for):
+    model = model_for(pos="rope", n_head=4, n_kv_head=2).eval()
     idx = torch.randint(32, (2, 12))  # longer than block_size: rope has no limit
     full, _ = model(idx)
     cache = model.make_kv_cache(2, 12)
@@ -61,7 +58,7 @@ def test_cached_logits_equal_full_logits():
 
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_left_padded_batch_continues_each_prompt_as_if_alone(options, use_cache):
+def test_left_padded_batch_continues_each_prompt_as_if_alone(model_for, options, use_cache):
     model = model_for(**options)
     prompts = [torch.randint(31, (n,)) for n in (2, 6, 4)]
     idx, mask = left_pad(prompts)
@@ -72,7 +69,7 @@ def test_left_padded_batch_continues_each_prompt_as_if_alone(options, use_cache)
         assert torch.equal(batched[b, idx.size(1):], alone[0, len(p):]), f"row {b}"
 
 
-def test_an_all_ones_mask_changes_nothing():
+def test_an_all_ones_mask_changes_nothing(model_for):
     model = model_for()
     idx = torch.randint(32, (3, 5))
     plain = generate(model, idx, 6, temperature=0)
@@ -81,13 +78,13 @@ def test_an_all_ones_mask_changes_nothing():
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_generation_runs_far_past_block_size(pos):
+def test_generation_runs_far_past_block_size(model_for, pos):
     model = model_for(pos=pos)
     out = generate(model, torch.randint(32, (1, 6)), 30, temperature=1.0, top_k=5, seed=0)
     assert out.shape == (1, 36)
 
 
-def test_learned_positions_slide_a_window_of_block_size():
+def test_learned_positions_slide_a_window_of_block_size(model_for):
     model = model_for().eval()
     prompt = torch.randint(32, (1, 13))  # already longer than block_size = 8
     out = generate(model, prompt, 1, temperature=0)
@@ -95,7 +92,7 @@ def test_learned_positions_slide_a_window_of_block_size():
     assert out[0, -1] == expected[0]
 
 
-def test_a_seed_uses_its_own_generator_and_leaves_the_global_rng_alone():
+def test_a_seed_uses_its_own_generator_and_leaves_the_global_rng_alone(model_for):
     model = model_for()
     prompt = torch.randint(32, (4, 3))
     state = torch.get_rng_state()
@@ -107,7 +104,7 @@ def test_a_seed_uses_its_own_generator_and_leaves_the_global_rng_alone():
     assert not torch.equal(a, c)
 
 
-def test_top_k_one_and_a_tiny_top_p_are_greedy():
+def test_top_k_one_and_a_tiny_top_p_are_greedy(model_for):
     model = model_for()
     prompt = torch.randint(32, (3, 4))
     greedy = generate(model, prompt, 8, temperature=0)
@@ -116,7 +113,7 @@ def test_top_k_one_and_a_tiny_top_p_are_greedy():
 
 
 @pytest.mark.parametrize("knob", [dict(top_k=3), dict(top_p=0.2)])
-def test_sampling_stays_inside_the_allowed_set(knob):
+def test_sampling_stays_inside_the_allowed_set(model_for, knob):
     model = model_for().eval()
     model.lm_head.weight.data.mul_(100)  # sharpen the distribution so top_p=0.2 keeps few tokens
     prompt = torch.randint(32, (1, 4)).repeat(256, 1)
@@ -131,7 +128,7 @@ def test_sampling_stays_inside_the_allowed_set(knob):
     assert set(out[:, -1].tolist()) <= allowed
 
 
-def test_finished_rows_keep_emitting_eos():
+def test_finished_rows_keep_emitting_eos(model_for):
     model = model_for()
     prompt = torch.randint(32, (3, 4))
     greedy = generate(model, prompt, 10, temperature=0)
@@ -148,7 +145,7 @@ def test_finished_rows_keep_emitting_eos():
             assert (out[b, first:] == eos).all()
 
 
-def test_all_rows_finished_still_fills_max_new_tokens():
+def test_all_rows_finished_still_fills_max_new_tokens(model_for):
     model = model_for()
     prompt = torch.randint(32, (2, 3))
     first = generate(model, prompt, 1, temperature=0)[:, -1]
@@ -157,7 +154,7 @@ def test_all_rows_finished_still_fills_max_new_tokens():
     assert out.shape == (1, 12) and (out[0, 3:] == eos).all()
 
 
-def test_shapes_modes_and_wrappers():
+def test_shapes_modes_and_wrappers(model_for):
     model = model_for()
     model.train()
     out = model.generate(torch.randint(32, (5,)), 4, temperature=0)  # a 1-D prompt gives a 1-D result
@@ -169,7 +166,7 @@ def test_shapes_modes_and_wrappers():
     assert generate(model, out[None, :5], 0).shape == (1, 5)
 
 
-def test_invalid_requests_are_named():
+def test_invalid_requests_are_named(model_for):
     prompt = torch.randint(32, (1, 3))
     with pytest.raises(ValueError, match="causal"):
         generate(model_for(causal=False), prompt, 2)

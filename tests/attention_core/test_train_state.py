@@ -10,20 +10,17 @@ import pytest
 import safetensors.torch
 import torch
 
-from attention_core import (ModelConfig, TrainState, Transformer, configure_optimizer, load_model, load_weights,
-                            save_model, save_weights, train_step)
+from attention_core import (TrainState, configure_optimizer, load_model, load_weights, save_model, save_weights,
+                            train_step)
 
 
-def tiny(**kwargs) -> ModelConfig:
-    base = dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
-    base.update(kwargs)
-    return ModelConfig(**base)
-
-
-def fresh(seed=0, **kwargs):
-    torch.manual_seed(seed)
-    model = Transformer(tiny(**kwargs))
-    return model, configure_optimizer(model, 1e-2, 0.1)
+@pytest.fixture
+def fresh(tiny_model):
+    """fresh(seed=0, **overrides) -> (model, optimizer); dropout makes a step depend on torch's RNG."""
+    def make(seed=0, **overrides):
+        model = tiny_model(seed, dropout=0.1, **overrides)
+        return model, configure_optimizer(model, 1e-2, 0.1)
+    return make
 
 
 def run_steps(model, optimizer, n):
@@ -38,7 +35,7 @@ def run_steps(model, optimizer, n):
     return losses
 
 
-def test_resuming_from_a_saved_state_continues_exactly(tmp_path):
+def test_resuming_from_a_saved_state_continues_exactly(fresh, tmp_path):
     random.seed(0)
     model, optimizer = fresh()
     run_steps(model, optimizer, 2)
@@ -56,7 +53,7 @@ def test_resuming_from_a_saved_state_continues_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_files_written(tmp_path):
+def test_files_written(fresh, tmp_path):
     model, optimizer = fresh()
     run_steps(model, optimizer, 1)
     TrainState(model, optimizer, step=7, extra={"a": [1, 2]}).save(tmp_path / "ckpt")
@@ -71,7 +68,7 @@ def test_files_written(tmp_path):
     torch.load(tmp_path / "ckpt" / "rng.pt", weights_only=True)
 
 
-def test_tied_weights_stay_tied_after_loading(tmp_path):
+def test_tied_weights_stay_tied_after_loading(fresh, tmp_path):
     model, _ = fresh()
     save_weights(model, tmp_path / "w.safetensors")
     other, _ = fresh(seed=1)
@@ -80,7 +77,7 @@ def test_tied_weights_stay_tied_after_loading(tmp_path):
     assert torch.equal(other.wte.weight, model.wte.weight)
 
 
-def test_untied_weights_round_trip(tmp_path):
+def test_untied_weights_round_trip(fresh, tmp_path):
     model, _ = fresh(tie_embeddings=False, pos="rope", mlp="swiglu")
     save_weights(model, tmp_path / "w.safetensors")
     other, _ = fresh(seed=1, tie_embeddings=False, pos="rope", mlp="swiglu")
@@ -89,7 +86,7 @@ def test_untied_weights_round_trip(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_a_pickled_object_is_refused(tmp_path):
+def test_a_pickled_object_is_refused(fresh, tmp_path):
     model, optimizer = fresh()
     TrainState(model, optimizer).save(tmp_path / "ckpt")
 
@@ -103,7 +100,7 @@ def test_a_pickled_object_is_refused(tmp_path):
         TrainState.load(tmp_path / "ckpt", model, optimizer)
 
 
-def test_saving_over_a_state_replaces_it_whole(tmp_path, monkeypatch):
+def test_saving_over_a_state_replaces_it_whole(fresh, tmp_path, monkeypatch):
     model, optimizer = fresh()
     TrainState(model, optimizer, step=1).save(tmp_path / "ckpt")
     TrainState(model, optimizer, step=2).save(tmp_path / "ckpt")
@@ -122,7 +119,7 @@ def test_saving_over_a_state_replaces_it_whole(tmp_path, monkeypatch):
         TrainState(model, optimizer, extra={"x": object()}).save(tmp_path / "ckpt")
 
 
-def test_without_optimizer_and_without_rng(tmp_path):
+def test_without_optimizer_and_without_rng(fresh, tmp_path):
     model, optimizer = fresh()
     TrainState(model, None, step=4).save(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / "optimizer.pt").exists()
@@ -135,7 +132,7 @@ def test_without_optimizer_and_without_rng(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["train_state", "save_model"])
-def test_load_model_builds_the_model_from_its_directory(tmp_path, how):
+def test_load_model_builds_the_model_from_its_directory(fresh, tmp_path, how):
     model, optimizer = fresh(pos="rope", n_kv_head=1)
     if how == "train_state":
         TrainState(torch.compile(model), optimizer).save(tmp_path / "m")  # wrappers are stripped

@@ -11,19 +11,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention_core import (ModelConfig, StepResult, Transformer, configure_optimizer, lr_at, train_step,
-                            unwrap_model)
-
-
-def tiny(**kwargs) -> ModelConfig:
-    base = dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16)
-    base.update(kwargs)
-    return ModelConfig(**base)
-
-
-def model_for(seed=0, **kwargs) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(tiny(**kwargs))
+from attention_core import StepResult, configure_optimizer, lr_at, train_step, unwrap_model
 
 
 def batch(B=4, T=16, seed=1):
@@ -36,8 +24,8 @@ def batch(B=4, T=16, seed=1):
 
 
 @pytest.mark.parametrize("options", [dict(), dict(bias=True, tie_embeddings=False, norm="rmsnorm", qk_norm=True)])
-def test_weight_decay_only_on_matmul_weights(options):
-    model = model_for(**options)
+def test_weight_decay_only_on_matmul_weights(tiny_model, options):
+    model = tiny_model(**options)
     optimizer = configure_optimizer(model, lr=1e-3, weight_decay=0.1)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
@@ -52,12 +40,12 @@ def test_weight_decay_only_on_matmul_weights(options):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_optimizer_settings():
-    optimizer = configure_optimizer(model_for(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-6)
+def test_optimizer_settings(tiny_model):
+    optimizer = configure_optimizer(tiny_model(), lr=3e-4, weight_decay=0.1, betas=(0.9, 0.99), eps=1e-6)
     for group in optimizer.param_groups:
         assert group["lr"] == 3e-4 and group["betas"] == (0.9, 0.99) and group["eps"] == 1e-6
     assert optimizer.param_groups[0]["fused"]  # the fused kernel exists for CPU and CUDA
-    assert not configure_optimizer(model_for(), 1e-3, 0.1, fused=False).param_groups[0]["fused"]
+    assert not configure_optimizer(tiny_model(), 1e-3, 0.1, fused=False).param_groups[0]["fused"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,9 +86,9 @@ def test_lr_stays_between_min_and_peak(step, warmup, extra, lr, ratio):
 # train_step
 
 
-def test_accumulating_two_halves_equals_one_whole_batch():
+def test_accumulating_two_halves_equals_one_whole_batch(tiny_model):
     x, y = batch(B=4)
-    whole, halves = model_for(), model_for()
+    whole, halves = tiny_model(), tiny_model()
     opt_whole = configure_optimizer(whole, 1e-2, 0.1)
     opt_halves = configure_optimizer(halves, 1e-2, 0.1)
     r1 = train_step(whole, opt_whole, [(x, y)], grad_clip=0.5)
@@ -112,8 +100,8 @@ def test_accumulating_two_halves_equals_one_whole_batch():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_step_result_reports_loss_norm_and_clips():
-    model = model_for()
+def test_step_result_reports_loss_norm_and_clips(tiny_model):
+    model = tiny_model()
     optimizer = configure_optimizer(model, 1e-3, 0.0)
     x, y = batch()
     with torch.no_grad():
@@ -127,16 +115,16 @@ def test_step_result_reports_loss_norm_and_clips():
     assert all(g["lr"] == 5e-4 for g in optimizer.param_groups)
 
 
-def test_no_clipping_still_reports_the_norm():
-    model = model_for()
+def test_no_clipping_still_reports_the_norm(tiny_model):
+    model = tiny_model()
     optimizer = configure_optimizer(model, 1e-3, 0.0)
     result = train_step(model, optimizer, [batch()], grad_clip=0.0)
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
     assert result.grad_norm == pytest.approx(norm, rel=1e-6)
 
 
-def test_one_host_sync_per_step(monkeypatch):
-    model = model_for()
+def test_one_host_sync_per_step(tiny_model, monkeypatch):
+    model = tiny_model()
     optimizer = configure_optimizer(model, 1e-3, 0.1)
     micro_batches = [batch(B=2, seed=s) for s in range(3)]
     calls = []
@@ -148,16 +136,16 @@ def test_one_host_sync_per_step(monkeypatch):
     assert calls == ["tolist"]
 
 
-def test_bf16_autocast_on_cpu():
-    model = model_for()
+def test_bf16_autocast_on_cpu(tiny_model):
+    model = tiny_model()
     optimizer = configure_optimizer(model, 1e-3, 0.1)
     result = train_step(model, optimizer, [batch()], autocast_dtype=torch.bfloat16, device_type="cpu")
     assert math.isfinite(result.loss) and math.isfinite(result.grad_norm)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_zero_grad_at_the_start_of_each_step():
-    model = model_for()
+def test_zero_grad_at_the_start_of_each_step(tiny_model):
+    model = tiny_model()
     optimizer = configure_optimizer(model, 0.0, 0.0)  # lr 0: weights and so gradients stay the same
     first = train_step(model, optimizer, [batch()], grad_clip=0.0)
     second = train_step(model, optimizer, [batch()], grad_clip=0.0)
@@ -180,8 +168,8 @@ class FSDP2Like(nn.Module):
         return self.inner(x, y)
 
 
-def test_gradient_sync_only_on_the_last_micro_batch_fsdp2():
-    wrapped = FSDP2Like(model_for())
+def test_gradient_sync_only_on_the_last_micro_batch_fsdp2(tiny_model):
+    wrapped = FSDP2Like(tiny_model())
     optimizer = configure_optimizer(wrapped, 1e-3, 0.1)
     train_step(wrapped, optimizer, [batch(B=2), batch(B=2, seed=2), batch(B=2, seed=3)])
     assert wrapped.calls == [False, False, True]
@@ -198,11 +186,11 @@ def single_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-def test_ddp_accumulates_under_no_sync_and_matches_plain_training(single_process_group):
+def test_ddp_accumulates_under_no_sync_and_matches_plain_training(tiny_model, single_process_group):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    plain = model_for()
-    ddp = DDP(model_for())
+    plain = tiny_model()
+    ddp = DDP(tiny_model())
     assert unwrap_model(ddp) is ddp.module
     entered = []
     original = ddp.no_sync
@@ -223,8 +211,8 @@ def test_ddp_accumulates_under_no_sync_and_matches_plain_training(single_process
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_unwrap_model():
-    model = model_for()
+def test_unwrap_model(tiny_model):
+    model = tiny_model()
     assert unwrap_model(model) is model
     assert unwrap_model(torch.compile(model)) is model
     with pytest.raises(TypeError, match="Transformer"):

@@ -9,17 +9,10 @@ import torch
 
 from attention_core import ModelConfig, Transformer, configure_optimizer, train_step
 
-
-def tiny(**kwargs) -> ModelConfig:
-    base = dict(vocab_size=32, block_size=16, n_layer=2, n_head=4, n_embd=32)
-    base.update(kwargs)
-    return ModelConfig(**base)
-
-
 OPTION_SETS = [
     dict(),
     dict(pos="rope", norm="rmsnorm", mlp="swiglu"),
-    dict(pos="rope", qk_norm=True, n_kv_head=2, bias=True),
+    dict(pos="rope", qk_norm=True, n_head=4, n_kv_head=2, bias=True),
     dict(n_kv_head=1, tie_embeddings=False, mlp="swiglu", qk_norm=True),
 ]
 
@@ -27,9 +20,8 @@ OPTION_SETS = [
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_changing_a_future_token_leaves_earlier_logits_unchanged(options, attn_impl, padded):
-    torch.manual_seed(0)
-    model = Transformer(tiny(**options)).eval()
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(tiny_model, options, attn_impl, padded):
+    model = tiny_model(**options).eval()
     idx = torch.randint(32, (2, 12))
     mask = None
     if padded:
@@ -45,9 +37,8 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged(options, attn_i
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_an_encoder_sees_the_future(pos):
-    torch.manual_seed(0)
-    model = Transformer(tiny(causal=False, pos=pos)).eval()
+def test_an_encoder_sees_the_future(tiny_model, pos):
+    model = tiny_model(causal=False, pos=pos).eval()
     idx = torch.randint(32, (1, 12))
     changed = idx.clone()
     changed[0, -1] = (changed[0, -1] + 1) % 32
@@ -56,9 +47,8 @@ def test_an_encoder_sees_the_future(pos):
 
 @pytest.mark.parametrize("options", OPTION_SETS)
 @pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
-def test_left_padding_does_not_change_a_decoder_prompt(options, attn_impl):
-    torch.manual_seed(0)
-    model = Transformer(tiny(**options)).eval()
+def test_left_padding_does_not_change_a_decoder_prompt(tiny_model, options, attn_impl):
+    model = tiny_model(**options).eval()
     prompts = [torch.randint(32, (n,)) for n in (3, 9, 6)]
     T = max(len(p) for p in prompts)
     idx = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -73,9 +63,8 @@ def test_left_padding_does_not_change_a_decoder_prompt(options, attn_impl):
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 @pytest.mark.parametrize("attn_impl", ["fused", "explicit"])
-def test_an_encoder_ignores_padding(pos, attn_impl):
-    torch.manual_seed(0)
-    model = Transformer(tiny(causal=False, pos=pos)).eval()
+def test_an_encoder_ignores_padding(tiny_model, pos, attn_impl):
+    model = tiny_model(causal=False, pos=pos).eval()
     idx = torch.randint(32, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[0, 6:] = 0  # right padding
@@ -87,13 +76,12 @@ def test_an_encoder_ignores_padding(pos, attn_impl):
     out2, _ = model(other_pad, attention_mask=mask, attn_impl=attn_impl)
     torch.testing.assert_close(out2[0, :6], out[0, :6], atol=1e-6, rtol=0)
     hidden = model.encode(idx, attention_mask=mask, attn_impl=attn_impl)
-    assert hidden.shape == (2, 10, 32)
+    assert hidden.shape == (2, 10, 16)  # n_embd
 
 
 @pytest.mark.parametrize("options", OPTION_SETS + [dict(causal=False, bias=True, norm="rmsnorm")])
-def test_every_parameter_receives_gradient(options):
-    torch.manual_seed(0)
-    model = Transformer(tiny(**options))
+def test_every_parameter_receives_gradient(tiny_model, options):
+    model = tiny_model(**options)
     idx = torch.randint(32, (3, 16))  # T = block_size: every learned position is used
     _, loss = model(idx, idx)
     loss.backward()
@@ -102,9 +90,8 @@ def test_every_parameter_receives_gradient(options):
         assert p.grad.abs().sum() > 0, name
 
 
-def test_a_tiny_model_overfits_one_batch():
-    torch.manual_seed(0)
-    model = Transformer(tiny())
+def test_a_tiny_model_overfits_one_batch(tiny_model):
+    model = tiny_model()
     optimizer = configure_optimizer(model, lr=1e-2, weight_decay=0.0)
     x = torch.randint(32, (4, 16))
     y = torch.randint(32, (4, 16))
@@ -115,9 +102,8 @@ def test_a_tiny_model_overfits_one_batch():
     assert last < 0.05
 
 
-def test_targets_of_minus_one_are_ignored():
-    torch.manual_seed(0)
-    model = Transformer(tiny())
+def test_targets_of_minus_one_are_ignored(tiny_model):
+    model = tiny_model()
     idx = torch.randint(32, (2, 8))
     targets = torch.randint(32, (2, 8))
     masked = targets.clone()
@@ -129,7 +115,7 @@ def test_targets_of_minus_one_are_ignored():
     assert full.shape == (2, 8, 32) and no_loss is None
 
 
-def test_gpt2_initialisation_scales_residual_projections():
+def test_gpt2_initialisation_scales_residual_projections(tiny):
     torch.manual_seed(0)
     n_layer = 8
     model = Transformer(tiny(n_layer=n_layer, n_embd=64, vocab_size=256))
@@ -142,7 +128,7 @@ def test_gpt2_initialisation_scales_residual_projections():
             assert torch.equal(p, torch.ones_like(p))
 
 
-def test_tied_and_untied_embeddings():
+def test_tied_and_untied_embeddings(tiny):
     tied = Transformer(tiny())
     untied = Transformer(tiny(tie_embeddings=False))
     assert tied.lm_head.weight is tied.wte.weight
@@ -160,18 +146,18 @@ def test_gpt2_small_has_gpt2s_parameter_count_and_flops():
 
 
 @pytest.mark.parametrize("options", [dict(), dict(pos="rope"), dict(tie_embeddings=False)])
-def test_num_params_leaves_out_only_lookup_tables(options):
+def test_num_params_leaves_out_only_lookup_tables(tiny, options):
     model = Transformer(tiny(**options))
     total = sum(p.numel() for p in model.parameters())
-    lookups = (32 * 16 if model.wpe is not None else 0) + (0 if model.config.tie_embeddings else 32 * 32)
+    # block_size x n_embd position embeddings, vocab_size x n_embd token embeddings
+    lookups = (16 * 16 if model.wpe is not None else 0) + (0 if model.config.tie_embeddings else 32 * 16)
     assert model.num_params(non_embedding=False) == total
     assert model.num_params() == total - lookups
 
 
-@pytest.mark.parametrize("options", [dict(), dict(pos="rope", n_kv_head=2, qk_norm=True)])
-def test_attention_maps_are_causal_distributions(options):
-    torch.manual_seed(0)
-    model = Transformer(tiny(**options))
+@pytest.mark.parametrize("options", [dict(n_head=4), dict(pos="rope", n_head=4, n_kv_head=2, qk_norm=True)])
+def test_attention_maps_are_causal_distributions(tiny_model, options):
+    model = tiny_model(**options)
     idx = torch.randint(32, (10,))
     maps = model.attention_maps(idx)
     assert maps.shape == (2, 4, 10, 10) and maps.dtype == torch.float32
@@ -183,26 +169,25 @@ def test_attention_maps_are_causal_distributions(options):
         model.attention_maps(torch.randint(32, (2, 10)))
 
 
-def test_encoder_attention_maps_are_full_distributions():
+def test_encoder_attention_maps_are_full_distributions(tiny):
     model = Transformer(tiny(causal=False))
     maps = model.attention_maps(torch.randint(32, (6,)))
-    torch.testing.assert_close(maps.sum(dim=-1), torch.ones(2, 4, 6))
+    torch.testing.assert_close(maps.sum(dim=-1), torch.ones(2, 2, 6))  # (n_layer, n_head, T)
     assert (maps > 0).all()  # every query sees every key, later ones too
 
 
-def test_attention_maps_match_a_hand_computed_first_layer():
-    torch.manual_seed(0)
-    model = Transformer(tiny(n_head=2))
+def test_attention_maps_match_a_hand_computed_first_layer(tiny_model):
+    model = tiny_model()  # n_head=2, n_embd=16: head_dim 8
     idx = torch.randint(32, (5,))
     maps = model.attention_maps(idx)
     x = model.h[0].ln_1(model.wte(idx) + model.wpe(torch.arange(5)))  # (T, C)
-    q, k, _ = model.h[0].attn.c_attn(x).split(32, dim=-1)
-    q, k = q.view(5, 2, 16).transpose(0, 1), k.view(5, 2, 16).transpose(0, 1)  # (nh, T, hs)
-    scores = (q @ k.transpose(-2, -1) / 4.0).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -math.inf)
+    q, k, _ = model.h[0].attn.c_attn(x).split(16, dim=-1)
+    q, k = q.view(5, 2, 8).transpose(0, 1), k.view(5, 2, 8).transpose(0, 1)  # (nh, T, hs)
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), -math.inf)
     torch.testing.assert_close(maps[0], scores.softmax(dim=-1), atol=1e-6, rtol=0)
 
 
-def test_learned_positions_refuse_more_than_block_size_but_rope_does_not():
+def test_learned_positions_refuse_more_than_block_size_but_rope_does_not(tiny):
     idx = torch.randint(32, (1, 20))
     with pytest.raises(ValueError, match="block_size"):
         Transformer(tiny())(idx)
@@ -210,7 +195,7 @@ def test_learned_positions_refuse_more_than_block_size_but_rope_does_not():
     assert logits.shape == (1, 20, 32)
 
 
-def test_bad_input_shapes_are_named():
+def test_bad_input_shapes_are_named(tiny):
     model = Transformer(tiny())
     with pytest.raises(ValueError, match="idx"):
         model(torch.randint(32, (8,)))
@@ -228,11 +213,10 @@ COMPILE_CASES = [
 
 
 @pytest.mark.parametrize("options, with_mask", COMPILE_CASES)
-def test_forward_and_backward_trace_as_one_graph(options, with_mask):
+def test_forward_and_backward_trace_as_one_graph(tiny_model, options, with_mask):
     """fullgraph=True raises at the first graph break; aot_eager also traces the backward."""
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = Transformer(tiny(**options))
+    model = tiny_model(**options)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx = torch.randint(32, (2, 16))
     mask = torch.ones(2, 16, dtype=torch.long)
@@ -245,10 +229,9 @@ def test_forward_and_backward_trace_as_one_graph(options, with_mask):
             torch.testing.assert_close(loss, model(idx, idx, attn_impl=impl, **kwargs)[1])
 
 
-def test_inductor_compiles_the_training_step_without_graph_breaks():
+def test_inductor_compiles_the_training_step_without_graph_breaks(tiny_model):
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = Transformer(tiny(n_layer=1, n_head=2, n_embd=16, block_size=8))
+    model = tiny_model(n_layer=1, block_size=8)
     compiled = torch.compile(model, fullgraph=True)
     idx = torch.randint(32, (2, 8))
     _, loss = compiled(idx, idx)
