@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ForwardContext, KVCache, SelfAttention, attention_bias, rope_angles
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .generation import generate
 # re-exported: these lived here before wrappers.py, and training.py still imports them from here
 from .wrappers import strip_wrappers, unwrap_model  # noqa: F401
@@ -78,6 +78,8 @@ class Transformer(nn.Module):
         super().__init__()
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config: expected ModelConfig, got {type(config).__name__}")
+        if config.vocab_size is None:
+            raise ConfigError("vocab_size: required to build a model (config.with_vocab(n))")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None

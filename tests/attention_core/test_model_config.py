@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from attention_core import ConfigError, ModelConfig
+from attention_core import ConfigError, ModelConfig, Transformer
 
 
 def test_defaults_round_trip_through_json():
@@ -76,3 +76,15 @@ def test_from_dict_names_an_unknown_or_missing_key():
 def test_mlp_width(mlp, n_embd, hidden):
     assert ModelConfig(vocab_size=10, mlp=mlp, n_embd=n_embd).hidden_dim == hidden
     assert ModelConfig(vocab_size=10, mlp=mlp, mlp_hidden=40).hidden_dim == 40
+
+
+def test_vocab_size_may_wait_for_the_tokenizer_but_a_model_needs_it():
+    config = ModelConfig(n_layer=1, n_head=2, n_embd=16)  # the pipeline's model section, before the data
+    assert config.vocab_size is None
+    with pytest.raises(ConfigError, match="vocab_size"):
+        Transformer(config)
+    built = config.with_vocab(65)
+    assert built.vocab_size == 65 and config.vocab_size is None  # a copy
+    assert Transformer(built).lm_head.out_features == 65
+    with pytest.raises(ConfigError, match="vocab_size"):
+        config.with_vocab(0)
