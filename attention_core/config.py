@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 Position = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 Mlp = Literal["gelu", "swiglu"]
 AttnImpl = Literal["fused", "explicit"]
-POSITIONS, NORMS, MLPS, ATTN_IMPLS = (get_args(t) for t in (Position, Norm, Mlp, AttnImpl))
+# the allowed values, for checks and messages (typing.get_args without a call at import time)
+POSITIONS, NORMS, MLPS, ATTN_IMPLS = Position.__args__, Norm.__args__, Mlp.__args__, AttnImpl.__args__
 
 
 class ConfigError(ValueError):
