@@ -4,6 +4,7 @@ fingerprints and reuse. Each test checks the token arrays by decoding them back 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -222,7 +223,7 @@ def test_fingerprint_reuse_and_what_changes_it(tmp_path: Path):
     base = config(tmp_path, tmp_path / "corpus", tokenizer="char")
     first = prepare_dataset(base)
     assert not first.reused
-    second = prepare_dataset(base.model_copy(update={"model": base.model.model_copy(update={"block_size": 16})}))
+    second = prepare_dataset(base.model_copy(update={"model": dataclasses.replace(base.model, block_size=16)}))
     assert second.reused and second.path == first.path  # block_size is not part of the data
     data_dir = tmp_path / "work" / "data"
     assert [p.name for p in data_dir.iterdir()] == [first.fingerprint]
