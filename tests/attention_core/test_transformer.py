@@ -90,6 +90,7 @@ def test_every_parameter_receives_gradient(tiny_model, options):
         assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.slow
 def test_a_tiny_model_overfits_one_batch(tiny_model):
     model = tiny_model()
     optimizer = configure_optimizer(model, lr=1e-2, weight_decay=0.0)
@@ -212,6 +213,7 @@ COMPILE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, with_mask", COMPILE_CASES)
 def test_forward_and_backward_trace_as_one_graph(tiny_model, options, with_mask):
     """fullgraph=True raises at the first graph break; aot_eager also traces the backward."""
@@ -229,6 +231,7 @@ def test_forward_and_backward_trace_as_one_graph(tiny_model, options, with_mask)
             torch.testing.assert_close(loss, model(idx, idx, attn_impl=impl, **kwargs)[1])
 
 
+@pytest.mark.slow
 def test_inductor_compiles_the_training_step_without_graph_breaks(tiny_model):
     torch._dynamo.reset()
     model = tiny_model(n_layer=1, block_size=8)

@@ -563,6 +563,7 @@ def tool_help() -> dict[tuple[str, tuple[str, ...]], frozenset[str] | None]:
         return {(tool, path): options for tool, helps in results for path, options in helps.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("where", "argv"), COMMANDS, ids=[f"{w}: {' '.join(a)[:60]}" for w, a in COMMANDS])
 def test_every_command_exists(where: str, argv: list[str], tool_help):
     exe = argv[0]
