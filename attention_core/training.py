@@ -273,7 +273,11 @@ class TrainState:
         path = directory / cls.OPTIMIZER
         if not path.exists():
             raise FileNotFoundError(f"{path}: this state was saved without an optimizer")
-        return torch.load(path, map_location=map_location, weights_only=True)
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+        if any(isinstance(key, int) for key in saved["state"]):
+            raise ValueError(f"{path}: optimizer state keyed by index, written before states were keyed by "
+                             "parameter name; its weights still load (load_model), its optimizer does not")
+        return saved
 
 
 def _parameter_names(model: nn.Module) -> dict[int, str]:

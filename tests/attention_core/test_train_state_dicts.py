@@ -156,3 +156,11 @@ def test_an_optimizer_over_other_parameters_is_refused(tmp_path):
     with pytest.raises(KeyError, match="not parameters of the model"):
         TrainState(model, torch.optim.AdamW(stranger.parameters())).save(tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_an_optimizer_state_keyed_by_index_is_refused_with_a_message(tmp_path):
+    model, optimizer = trained()
+    TrainState(model, optimizer).save(tmp_path / "ckpt")
+    torch.save(optimizer.state_dict(), tmp_path / "ckpt" / TrainState.OPTIMIZER)  # the format before names
+    with pytest.raises(ValueError, match="keyed by index"):
+        TrainState.load(tmp_path / "ckpt", *trained(seed=1, steps=0))
