@@ -3,10 +3,11 @@
 `configure_optimizer` builds AdamW with weight decay only on matmul weights. `lr_at` is linear
 warmup then cosine decay. `train_step` runs one optimizer step over a list of micro-batches
 (gradient accumulation, autocast, clipping) and synchronises with the device once, at the end.
-`TrainState` saves and restores model weights (safetensors), optimizer state and RNG states
-(`torch.load(weights_only=True)`: nothing else is ever unpickled) into a directory that is swapped
-into place whole. A distributed trainer wraps the model (DDP, FSDP2) from outside; `train_step`
-only needs to know how to skip gradient synchronisation on all but the last micro-batch.
+`TrainState` saves and restores model weights (safetensors), optimizer state keyed by parameter
+name and RNG states (`torch.load(weights_only=True)`: nothing else is ever unpickled) into a
+directory that is swapped into place whole; a sharded trainer hands it full state dicts instead.
+A distributed trainer wraps the model (DDP, FSDP2) from outside; `train_step` only needs to know
+how to skip gradient synchronisation on all but the last micro-batch.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import os
 import random
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import safetensors.torch
 import torch
@@ -191,31 +192,46 @@ def load_model(directory: str | os.PathLike, *, map_location: str | torch.device
 class TrainState:
     """Everything needed to resume training: model, optimizer, step, RNG states, small metadata.
 
-    Call `save` on one process (rank 0 under DDP, whose replicas are identical). Sharded FSDP2
-    parameters are DTensors, which this single-file format does not gather: not supported here.
+    One format for every way of training: the weights of the plain Transformer (safetensors), the
+    optimizer state keyed by parameter name (torch.distributed.checkpoint's "full" optimizer state
+    dict has exactly this shape, so DDP, FSDP2 and a single process all write and read the same
+    files), the RNG states, and state.json. `optimizer` is either an optimizer over `model`'s
+    parameters or such a by-name state dict: a sharded trainer gathers full state dicts outside
+    and hands them over as a plain Transformer and a dict. Call `save` on one process only.
     """
 
+    WEIGHTS: ClassVar[str] = "model.safetensors"
+    OPTIMIZER: ClassVar[str] = "optimizer.pt"
+    RNG: ClassVar[str] = "rng.pt"
+    STATE: ClassVar[str] = "state.json"
+
     model: nn.Module
-    optimizer: torch.optim.Optimizer | None
+    optimizer: torch.optim.Optimizer | dict | None
     step: int = 0
     extra: dict = field(default_factory=dict)  # small and JSON-serialisable (e.g. run metadata)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write model.safetensors, optimizer.pt, rng.pt and state.json, then swap the directory in.
+        """Write the weights, optimizer state, RNG states and state.json, then swap the directory in.
 
-        Files are written into a temporary sibling directory that replaces `directory` only once
+        Every file is written into a temporary sibling directory that replaces `directory` only once
         complete, so a crash mid-save leaves the previous checkpoint intact.
         """
         state = {"step": int(self.step), "model_config": unwrap_model(self.model).config.to_dict(),
                  "extra": self.extra}
         json.dumps(state)  # fail before touching the disk if extra is not JSON-serialisable
+        optimizer_state = None
+        if isinstance(self.optimizer, torch.optim.Optimizer):
+            optimizer_state = _optimizer_state_by_name(self.model, self.optimizer)
+        elif self.optimizer is not None:
+            optimizer_state = self.optimizer
+            _check_names(_parameter_names(self.model).values(), _state_names(optimizer_state), "optimizer state")
 
         def write(tmp: Path) -> None:
-            save_weights(self.model, tmp / "model.safetensors")
-            if self.optimizer is not None:
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            _write_json(tmp / "state.json", state)
+            save_weights(self.model, tmp / self.WEIGHTS)
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / self.OPTIMIZER)
+            torch.save(_rng_state(), tmp / self.RNG)
+            _write_json(tmp / self.STATE, state)
 
         _write_directory(Path(directory), write)
 
@@ -223,18 +239,101 @@ class TrainState:
     def load(cls, directory: str | os.PathLike, model: nn.Module,
              optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True,
              map_location: str | torch.device = "cpu") -> TrainState:
-        """Restore a state written by `save` into an already-built model (and optimizer)."""
+        """Restore a state written by `save` into an already-built model (and optimizer), strictly:
+        a missing or unexpected weight or parameter name is an error."""
         directory = Path(directory)
-        state = json.loads((directory / "state.json").read_text())
-        load_weights(model, directory / "model.safetensors")
+        state = json.loads((directory / cls.STATE).read_text())
+        load_weights(model, directory / cls.WEIGHTS)
         if optimizer is not None:
-            path = directory / "optimizer.pt"
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: this state was saved without an optimizer")
-            optimizer.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
+            saved = cls._read_optimizer(directory, map_location)
+            optimizer.load_state_dict(_optimizer_state_by_index(model, optimizer, saved))
         if restore_rng:
-            _set_rng_state(torch.load(directory / "rng.pt", map_location="cpu", weights_only=True))
+            _set_rng_state(torch.load(directory / cls.RNG, map_location="cpu", weights_only=True))
         return cls(model=model, optimizer=optimizer, step=state["step"], extra=state["extra"])
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> TrainState:
+        """The state as plain objects: a Transformer built from state.json with the weights loaded
+        strictly, and the optimizer state as its by-name dict (None if saved without one). RNG
+        states are left alone. A sharded trainer scatters these into its own model and optimizer."""
+        directory = Path(directory)
+        state = json.loads((directory / cls.STATE).read_text())
+        model = Transformer(ModelConfig.from_dict(state["model_config"]))
+        load_weights(model, directory / cls.WEIGHTS)
+        optimizer_state = None
+        if (directory / cls.OPTIMIZER).exists():
+            optimizer_state = cls._read_optimizer(directory, map_location)
+            _check_names(_parameter_names(model).values(), _state_names(optimizer_state),
+                         str(directory / cls.OPTIMIZER))
+        return cls(model=model.to(map_location), optimizer=optimizer_state, step=state["step"],
+                   extra=state["extra"])
+
+    @classmethod
+    def _read_optimizer(cls, directory: Path, map_location) -> dict:
+        path = directory / cls.OPTIMIZER
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: this state was saved without an optimizer")
+        saved = torch.load(path, map_location=map_location, weights_only=True)
+        if any(isinstance(key, int) for key in saved["state"]):
+            raise ValueError(f"{path}: optimizer state keyed by index, written before states were keyed by "
+                             "parameter name; its weights still load (load_model), its optimizer does not")
+        return saved
+
+
+def _parameter_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name in the unwrapped model; a tied parameter keeps its first name,
+    as torch.distributed.checkpoint names it."""
+    return {id(p): name for name, p in strip_wrappers(model).named_parameters() if p.requires_grad}
+
+
+def _state_names(optimizer_state: dict) -> list[str]:
+    return [name for group in optimizer_state["param_groups"] for name in group["params"]]
+
+
+def _check_names(expected: Iterable[str], got: Iterable[str], what: str) -> None:
+    """Strict loading: the same parameter names on both sides, else a KeyError naming the difference."""
+    expected, got = set(expected), set(got)
+    if expected != got:
+        raise KeyError(f"{what}: missing parameters {sorted(expected - got)}, "
+                       f"unexpected parameters {sorted(got - expected)}")
+
+
+def _optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with each parameter's index replaced by its name."""
+    names = _parameter_names(model)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise KeyError(f"optimizer: parameters {missing} (by index) are not parameters of the model")
+    name_of = [names[id(p)] for p in params]  # state_dict() numbers parameters in this order
+    state = optimizer.state_dict()
+    return {"state": {name_of[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def _optimizer_state_by_index(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """A by-name optimizer state turned back into what `optimizer.load_state_dict` takes.
+
+    Groups are matched by position and, inside a group, parameters by name: the indices are those
+    of `optimizer`'s own parameter order, so a saved group listing its parameters in another order
+    still gives each parameter its own state.
+    """
+    names = _parameter_names(model)
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"optimizer state: {len(saved['param_groups'])} parameter groups saved, "
+                         f"{len(optimizer.param_groups)} in the optimizer")
+    index: dict[str, int] = {}
+    groups = []
+    for k, (group, saved_group) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
+        own = [names.get(id(p), f"<unnamed {k}:{i}>") for i, p in enumerate(group["params"])]
+        _check_names(own, saved_group["params"], f"optimizer state, parameter group {k}")
+        params = list(range(len(index), len(index) + len(own)))
+        index.update(zip(own, params))
+        groups.append({**saved_group, "params": params})
+    unexpected = sorted(set(saved["state"]) - set(index))
+    if unexpected:
+        raise KeyError(f"optimizer state: unexpected parameters {unexpected}")
+    return {"state": {index[name]: s for name, s in saved["state"].items()}, "param_groups": groups}
 
 
 def _rng_state() -> dict[str, Any]:

@@ -30,7 +30,7 @@ from flows.data import PreparedData
 from flows.errors import is_user_error
 from flows.evaluate import EvalResult
 from flows.registry import Registration
-from flows.train import TrainResult, local_checkpoint
+from flows.train import FaultInjection, TrainResult, local_checkpoint
 
 SUMMARY_KEY, LINK_KEY = "pipeline-summary", "mlflow-run"
 
@@ -158,18 +158,18 @@ def _prepare_dataset_cached(cfg: PipelineConfig):
 
 
 @task(name="train_model", retries=2, **_RETRY)
-def train_model_task(cfg: PipelineConfig, data: PreparedData) -> TrainResult:
+def train_model_task(cfg: PipelineConfig, data: PreparedData, fault: FaultInjection | None = None) -> TrainResult:
     """Train on Ray; a retry resumes the same Ray Train run from its last checkpoint."""
     import ray
 
-    from flows.train import ensure_ray, fault_from_env, train_model
+    from flows.train import ensure_ray, train_model
 
     uri, run_id = _mlflow_run(cfg)
     run_name = cfg.train.run_name or f"train-{_flow_run_id()}"
     started = ensure_ray(cfg)
     try:
         return train_model(cfg, data, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id,
-                           fault=fault_from_env())
+                           fault=fault)
     finally:
         if started:
             ray.shutdown()
@@ -250,11 +250,12 @@ def _close_mlflow_run(status: str):
 @flow(name="attention-pipeline", flow_run_name=_flow_run_name, log_prints=True,
       on_failure=[_close_mlflow_run("FAILED")], on_crashed=[_close_mlflow_run("FAILED")],
       on_cancellation=[_close_mlflow_run("KILLED")])
-def training_pipeline_flow(config: PipelineConfig = PipelineConfig()) -> Registration:
-    """Prepare data, train on Ray, evaluate, and register the model in MLflow."""
+def training_pipeline_flow(config: PipelineConfig = PipelineConfig(),
+                           fault: FaultInjection | None = None) -> Registration:
+    """Prepare data, train on Ray, evaluate, and register the model in MLflow (`fault`: recovery tests only)."""
     config = with_environment(config)  # the flow's entry: MLFLOW_TRACKING_URI, RAY_ADDRESS where it runs
     data = _prepare_dataset_cached(config)(config)
-    trained = train_model_task(config, data)
+    trained = train_model_task(config, data, fault)
     result = evaluate_model_task(config, data, trained)
     return register_model_task(config, data, trained, result)
 

@@ -11,9 +11,9 @@ import torch
 from flows.data import PreparedData
 from flows.train import (
     TrainResult,
-    _mix,
     local_checkpoint,
     localize_data,
+    mix_seed,
     sample_batch,
     stage_data,
     staged_data_uri,
@@ -45,9 +45,9 @@ def test_batches_depend_on_step_and_micro_step_only(tokens):
 
 
 def test_seed_mixing_is_deterministic_and_spread():
-    seeds = {_mix(1337, step, rank) for step in range(100) for rank in range(4)}
+    seeds = {mix_seed(1337, step, rank) for step in range(100) for rank in range(4)}
     assert len(seeds) == 400 and all(0 <= s < 2**31 for s in seeds)
-    assert _mix(1, 2, 3) == _mix(1, 2, 3)
+    assert mix_seed(1, 2, 3) == mix_seed(1, 2, 3)
 
 
 def _prepared(tmp_path) -> PreparedData:

@@ -11,15 +11,13 @@ from flows.config import load_config
 pytestmark = pytest.mark.integration
 
 
-def test_retry_of_train_task_resumes_instead_of_restarting(tmp_path: Path, prefect_harness, ray_local,
-                                                           monkeypatch):
+def test_retry_of_train_task_resumes_instead_of_restarting(tmp_path: Path, prefect_harness, ray_local):
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import training_pipeline_flow
+    from flows.train import FaultInjection
 
     marker = tmp_path / "killed"
-    monkeypatch.setenv("ATTENTION_PIPELINE_FAULT_AFTER_STEP", "6")
-    monkeypatch.setenv("ATTENTION_PIPELINE_FAULT_MARKER", str(marker))
     cfg = load_config(overrides=[
         f"workdir={tmp_path}", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
         "train.max_steps=12", "train.batch_size=4", "train.eval_interval=6", "train.eval_batches=1",
@@ -27,7 +25,7 @@ def test_retry_of_train_task_resumes_instead_of_restarting(tmp_path: Path, prefe
         "train.max_failures=0",  # Ray gives up at once, so the Prefect task fails and retries
         "eval.max_tokens=2048", "eval.max_new_tokens=8",
     ])
-    reg = training_pipeline_flow(config=cfg)
+    reg = training_pipeline_flow(config=cfg, fault=FaultInjection(after_step=6, marker=str(marker)))
 
     assert marker.exists(), "the worker was not killed"
     runs = [p for p in (tmp_path / "ray_results").iterdir() if p.is_dir() and p.name.startswith("train-")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from attention_core import TrainState
 from flows.config import load_config
 from flows.data import prepare_dataset
 from flows.train import FaultInjection, train_model
@@ -36,7 +37,7 @@ def _setup(tmp_path: Path, corpus: Path, *extra: str):
 
 
 def _weights(checkpoint_path: str) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(checkpoint_path) / "model.safetensors"))
+    return load_file(str(Path(checkpoint_path) / TrainState.WEIGHTS))
 
 
 def _mlflow_run(tmp_path: Path):
@@ -100,4 +101,7 @@ def test_fsdp2_trains_checkpoints_and_resumes(tmp_path: Path, corpus: Path, ray_
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [3, 6, 8]
     # the checkpoint holds full (unsharded) weights that a plain model loads
     model = Transformer(model_config_for(cfg, data.vocab_size))
-    load_weights(model, Path(result.checkpoint_path) / "model.safetensors")
+    load_weights(model, Path(result.checkpoint_path) / TrainState.WEIGHTS)
+    # ... in the one TrainState format: full optimizer state by parameter name, read strictly
+    state = TrainState.read(result.checkpoint_path)
+    assert state.step == 8 and set(state.optimizer["state"]) == {n for n, _ in model.named_parameters()}

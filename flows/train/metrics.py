@@ -1,0 +1,101 @@
+"""What a worker measures and reports while it trains: throughput, MFU, the progress line, MLflow.
+
+`Throughput` turns step counts and the clock into tokens per second, model FLOPs utilisation (when
+the device's peak is known) and an ETA. `print_progress` writes rank 0's one-line status.
+`MetricsLogger` is rank 0's MLflow client, logging to the flow's run with an explicit tracking URI
+(workers share no MLflow global state with the driver). `all_reduce_mean` averages a value over ranks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from flows.train.job import TrainJob, global_batch_tokens
+
+
+def all_reduce_mean(value: torch.Tensor) -> float:
+    """The mean of `value` over all ranks (the value itself outside a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        value /= torch.distributed.get_world_size()
+    return float(value)
+
+
+class Throughput:
+    """Tokens per second over the steps since the last measurement, MFU, and the time left."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None,
+                 world: int, start_step: int):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak, self.world, self.start_step = peak_flops, world, start_step
+        self.t_start = self.t_last = time.perf_counter()
+        self.steps_since = 0
+
+    def step(self) -> None:
+        self.steps_since += 1
+
+    def measure(self) -> dict[str, float]:
+        """tokens_per_sec (and mfu where the peak is known) since the previous call."""
+        now = time.perf_counter()
+        tps = self.tokens_per_step * self.steps_since / (now - self.t_last)
+        self.t_last, self.steps_since = now, 0
+        metrics = {"tokens_per_sec": tps}
+        if self.peak:
+            metrics["mfu"] = self.flops_per_token * tps / (self.peak * self.world)
+        return metrics
+
+    def eta(self, done: int, total: int) -> float:
+        """Seconds left at the mean pace since this attempt started (a resume starts a new pace)."""
+        return (time.perf_counter() - self.t_start) / (done - self.start_step) * (total - done)
+
+
+def print_progress(done: int, total: int, loss: float, lr: float, tps: float, eta: float) -> None:
+    # sys.stdout.write, not print: Ray Train tees print() to its logger, doubling every line.
+    sys.stdout.write(f"step {done}/{total} loss {loss:.4f} lr {lr:.2e} {tps / 1e3:.1f}k tok/s "
+                     f"ETA {eta:.0f}s\n")
+    sys.stdout.flush()
+
+
+class MetricsLogger:
+    """Rank 0's MLflow client: metrics over steps and system metrics, logged to the flow's run with
+    an explicit tracking URI (workers share no MLflow global state with the driver)."""
+
+    def __init__(self, job: TrainJob, world: int, device: torch.device):
+        self.client = self.monitor = None
+        if not (job.tracking_uri and job.mlflow_run_id):
+            return
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        cfg = job.pipeline
+        self.client, self.run_id = MlflowClient(tracking_uri=job.tracking_uri), job.mlflow_run_id
+        params = {"global_batch_tokens": global_batch_tokens(cfg) // cfg.train.num_workers * world,
+                  "world_size": world, "device": str(device)}
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        if fresh:  # a resumed attempt must not re-log (MLflow params are immutable)
+            self.client.log_batch(self.run_id, params=fresh)
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=True,
+                                                tracking_uri=job.tracking_uri)
+            self.monitor.start()
+        except Exception as exc:  # noqa: BLE001 - system metrics are a nicety, never a failure
+            sys.stderr.write(f"system metrics disabled: {exc}\n")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
