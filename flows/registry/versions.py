@@ -107,8 +107,6 @@ def ensure_registered_model(client, name: str) -> None:
 def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, checkpoint_path: str,
                       data: PreparedData, result: EvalResult):
     """The model version of this run: logged as a pyfunc and registered the first time only."""
-    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
-
     from flows.modelpack import export_model_pack
 
     client = mlflow_client(tracking_uri)
@@ -129,8 +127,16 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
     ensure_registered_model(client, name)
     version = client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags,
                                           model_id=model.model_id)
-    # The version's source is a plain location, so record the link the other way, as MLflow's
-    # register_model does: the logged model's page lists the versions made from it.
-    client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
-        [{"name": version.name, "version": version.version}])})
+    _link_version(client, model.model_id, version)
     return version
+
+
+def _link_version(client, model_id: str, version) -> None:
+    """List the version on its logged model's page, as MLflow's register_model does (a tracking server
+    does it itself; a local store does not, and the version's source is a plain location, not the model)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    links = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if (version.name, str(version.version)) not in {(link["name"], str(link["version"])) for link in links}:
+        links.append({"name": version.name, "version": version.version})
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})

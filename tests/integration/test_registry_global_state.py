@@ -113,9 +113,10 @@ def test_model_uris_resolve_through_the_given_store(store, registered):
     cfg, _, reg = registered
     client, name = mlflow_client(store), cfg.registry.model_name
     location = client.get_model_version(name, reg.version).source
-    logged = client.get_run(reg.run_id).outputs.model_outputs[0].model_id
+    logged = client.get_run(reg.run_id).outputs.model_outputs[0].model_id  # the logged model's id
     for uri in (f"models:/{name}/{reg.version}", f"models:/{name}/latest", f"models:/{name}@champion",
                 f"models:/{logged}"):
         assert resolve_model_uri(client, uri) == location, uri
-    assert resolve_model_uri(client, f"models:/{name}@champion/artifacts/model_pack") == f"{location}/artifacts/model_pack"
+    pack = resolve_model_uri(client, f"models:/{name}@champion/artifacts/model_pack")
+    assert pack == f"{location}/artifacts/model_pack"
     assert resolve_model_uri(client, "runs:/abc/model") == "runs:/abc/model"
