@@ -231,7 +231,7 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
 
 
 def _close_mlflow_run(status: str):
-    """A flow hook: a failed or crashed flow run leaves its MLflow run FAILED, not RUNNING forever."""
+    """A flow hook: the flow run's end ends its MLflow run (FINISHED, FAILED, KILLED), never RUNNING forever."""
 
     def hook(flow, flow_run_, state) -> None:
         from flows.registry import close_pipeline_run
@@ -248,8 +248,8 @@ def _close_mlflow_run(status: str):
 
 
 @flow(name="attention-pipeline", flow_run_name=_flow_run_name, log_prints=True,
-      on_failure=[_close_mlflow_run("FAILED")], on_crashed=[_close_mlflow_run("FAILED")],
-      on_cancellation=[_close_mlflow_run("KILLED")])
+      on_completion=[_close_mlflow_run("FINISHED")], on_failure=[_close_mlflow_run("FAILED")],
+      on_crashed=[_close_mlflow_run("FAILED")], on_cancellation=[_close_mlflow_run("KILLED")])
 def training_pipeline_flow(config: PipelineConfig = PipelineConfig(),
                            fault: FaultInjection | None = None) -> Registration:
     """Prepare data, train on Ray, evaluate, and register the model in MLflow (`fault`: recovery tests only)."""

@@ -6,6 +6,7 @@ the model loads without the pipeline's process and samples exactly as the model 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,8 +47,9 @@ def generate_cli(uri: str, *args: str) -> subprocess.CompletedProcess:
 def test_the_logged_model_holds_no_pickle(registered, tmp_path, monkeypatch):
     import mlflow.artifacts
     import yaml
+    from mlflow.entities import LoggedModelStatus
 
-    from flows.registry import _client
+    from flows.registry import mlflow_client
 
     uri, cfg, _, _ = registered
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as a user would: MLflow resolves models:/ through it
@@ -63,8 +65,17 @@ def test_the_logged_model_holds_no_pickle(registered, tmp_path, monkeypatch):
     assert pyfunc["model_code_path"].endswith("_pyfunc_entry.py")
     assert mlmodel["signature"]["params"]
     assert (local / "input_example.json").is_file()
+    client = mlflow_client(uri)
+    version = client.get_model_version(cfg.registry.model_name, 1)
+    logged = client.get_logged_model(mlmodel["model_id"])  # the MLmodel names its logged model, as log_model writes it
+    assert logged.status == LoggedModelStatus.READY
+    assert logged.source_run_id == mlmodel["run_id"] == version.run_id
+    assert version.source == logged.artifact_location
+    links = json.loads(logged.tags["mlflow.modelVersions"])  # the logged model lists its version
+    assert [(link["name"], str(link["version"])) for link in links] == [(cfg.registry.model_name, "1")]
+    assert client.get_run(version.run_id).outputs.model_outputs[0].model_id == logged.model_id
     store_dir = Path(uri.removeprefix("sqlite:///")).parent
-    experiment = _client(uri).get_experiment_by_name(cfg.registry.experiment)
+    experiment = client.get_experiment_by_name(cfg.registry.experiment)
     assert experiment.artifact_location == (store_dir / "mlartifacts").as_uri()  # beside the store, not ./mlruns
 
 

@@ -67,6 +67,7 @@ def test_flow_run_is_named_after_dataset_and_model_and_matches_the_mlflow_run(pi
 def test_one_mlflow_run_carries_the_lineage(pipeline_run):
     cfg, flow_run_id, reg, client, run = pipeline_run
     tags = run.data.tags
+    assert run.info.status == "FINISHED"  # closed by the flow's completion hook
     assert tags["prefect.flow_run_id"] == str(flow_run_id)
     assert tags["prefect.flow_run_name"] == run.info.run_name
     assert "prefect.deployment_id" not in tags  # run from the CLI/test, not from a deployment

@@ -15,9 +15,9 @@ from flows.evaluate import EvalResult, score_split
 from flows.registry import (
     CHALLENGER,
     CHAMPION,
-    _client,
     champion_gate,
     log_model_version,
+    mlflow_client,
     start_pipeline_run,
 )
 
@@ -53,14 +53,14 @@ def register(cfg, uri, data, checkpoint, result):
 
 
 def champions(uri, name) -> list[int]:
-    return [int(v.version) for v in _client(uri).search_model_versions(f"name='{name}'")
-            if CHAMPION in _client(uri).get_model_version(name, v.version).aliases]
+    return [int(v.version) for v in mlflow_client(uri).search_model_versions(f"name='{name}'")
+            if CHAMPION in mlflow_client(uri).get_model_version(name, v.version).aliases]
 
 
 def test_gate_re_evaluates_the_champion_when_the_tokenizer_matches(store, prepared_corpus, tiny_checkpoint):
     cfg, data = prepared_corpus(CORPUS_A)
     cfg.registry.model_name = "gate-same-tokenizer"
-    name, client = cfg.registry.model_name, _client(store)
+    name, client = cfg.registry.model_name, mlflow_client(store)
     ck1, ck2, ck3 = (tiny_checkpoint(data.vocab_size, seed=s) for s in (1, 2, 3))
     s1, s2 = true_score(ck1, data, cfg), true_score(ck2, data, cfg)
 
@@ -125,7 +125,7 @@ def test_gate_compares_recorded_bits_per_byte_when_tokenizers_differ(store, prep
 def test_a_recorded_decision_is_redone_when_the_champion_changed(store, prepared_corpus, tiny_checkpoint):
     cfg, data = prepared_corpus(CORPUS_A)
     cfg.registry.model_name = "gate-stale-decision"
-    name, client = cfg.registry.model_name, _client(store)
+    name, client = cfg.registry.model_name, mlflow_client(store)
     cks = [tiny_checkpoint(data.vocab_size, seed=s) for s in (9, 10, 11)]
     s0 = true_score(cks[0], data, cfg)
     register(cfg, store, data, cks[0], claimed(s0.bits_per_byte))
@@ -159,21 +159,3 @@ def test_models_with_different_context_lengths_are_compared_on_windows_both_can_
     assert reg.champion_bits_per_byte == pytest.approx(at_8(champion), rel=1e-6)
     assert reg.challenger_bits_per_byte == pytest.approx(at_8(challenger), rel=1e-6)  # re-scored, not 0.0
     assert reg.champion == (at_8(challenger) < at_8(champion))
-
-
-def test_registering_leaves_the_process_tracking_uri_alone(store, prepared_corpus, tiny_checkpoint, monkeypatch):
-    """log_model needs MLflow's global tracking URI, which also lands in os.environ; it must not stay
-    there, or the next pipeline run in this process would log to this store."""
-    import os
-
-    import mlflow
-
-    cfg, data = prepared_corpus(CORPUS_A)
-    cfg.registry.model_name = "gate-tracking-uri"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    before = mlflow.get_tracking_uri()
-    register(cfg, store, data, tiny_checkpoint(data.vocab_size, seed=14), claimed(3.0))
-    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == before
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9/never-used")
-    register(cfg, store, data, tiny_checkpoint(data.vocab_size, seed=15), claimed(2.0))
-    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:9/never-used"

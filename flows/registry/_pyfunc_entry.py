@@ -2,6 +2,6 @@
 
 import mlflow
 
-from flows.mlflow_model import AttentionLM
+from flows.registry.pyfunc import AttentionLM
 
 mlflow.models.set_model(AttentionLM())

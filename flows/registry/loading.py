@@ -1,0 +1,89 @@
+"""Registered models read back: `models:/` URIs resolved, artifacts downloaded, the pyfunc loaded, sampled.
+
+MLflow resolves a `models:/<name>@<alias>` URI with a client of the process-wide registry URI, whatever
+tracking URI the caller passes; `resolve_model_uri` does it with a client of the caller's store
+instead, so the gate and `flows generate` read from exactly the store they were given and never set
+MLflow's global tracking or registry URI. What is downloaded is then a plain artifact location.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from flows.registry.pyfunc import PACK
+from flows.registry.tracking import mlflow_client
+
+
+def _version_of(client, name: str, ref: str) -> str:
+    """The version number that `ref` (a number, `latest`, or a legacy stage name) names."""
+    from mlflow.exceptions import MlflowException
+
+    if ref.isdigit():
+        return ref
+    if ref.lower() == "latest":
+        versions = client.search_model_versions(f"name='{name}'")
+    else:  # stages are deprecated in MLflow 3, but old URIs may still name one
+        versions = client.get_latest_versions(name, stages=[ref])
+    if not versions:
+        raise MlflowException(f"registered model {name!r} has no version {ref!r}")
+    return str(max(int(v.version) for v in versions))
+
+
+def resolve_model_uri(client, model_uri: str) -> str:
+    """The artifact location of a models:/ URI (`name/version`, `name@alias`, `name/latest`, a logged
+    model id, each with an optional sub-path), resolved through client; any other URI unchanged."""
+    if not model_uri.startswith("models:"):
+        return model_uri
+    first, *sub = model_uri.removeprefix("models:").strip("/").split("/")
+    if "@" in first:
+        name, alias = first.rsplit("@", 1)
+        location = client.get_model_version_download_uri(name, client.get_model_version_by_alias(name, alias).version)
+    elif not sub:
+        location = client.get_logged_model(first).artifact_location
+    else:
+        ref, *sub = sub
+        location = client.get_model_version_download_uri(first, _version_of(client, first, ref))
+    location = resolve_model_uri(client, location)  # a store that keeps a models:/<id> source as it is
+    return "/".join([location.rstrip("/"), *sub]) if sub else location
+
+
+def download_model(tracking_uri: str, model_uri: str, dst: str | Path, subpath: str = "") -> Path:
+    """Download a model (or the subpath inside it) from the store at tracking_uri into dst."""
+    import mlflow.artifacts
+
+    location = resolve_model_uri(mlflow_client(tracking_uri), model_uri)
+    if subpath:
+        location = f"{location.rstrip('/')}/{subpath}"
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dst),
+                                                    tracking_uri=tracking_uri, registry_uri=tracking_uri))
+
+
+def download_model_pack(tracking_uri: str, model_uri: str, dst: str | Path, device: str = "cpu"):
+    """(model, tokenizer) of a registered model, read from its pyfunc's model_pack artifact only."""
+    from flows.modelpack import load_model_pack
+
+    return load_model_pack(download_model(tracking_uri, model_uri, dst, subpath=f"artifacts/{PACK}"), device=device)
+
+
+def generate(model_uri: str, prompt: str, *, tracking_uri: str, max_new_tokens: int = 100,
+             temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
+    """Load a registered model as a pyfunc (pickle-free) and return its continuation of prompt."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    from flows.errors import UserError
+
+    if max_new_tokens < 1 or temperature < 0 or top_k < 0:
+        raise UserError(f"generate: need max_new_tokens >= 1, temperature >= 0, top_k >= 0; got "
+                        f"{max_new_tokens}, {temperature}, {top_k}")
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow store at {tracking_uri}: run the pipeline first, or pass --tracking-uri")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            model = mlflow.pyfunc.load_model(str(download_model(tracking_uri, model_uri, tmp)))
+        except MlflowException as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"--model-uri: cannot load {model_uri} from {tracking_uri}: {reason}") from None
+        params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+        return model.predict([prompt], params=params)[0]

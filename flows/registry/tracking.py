@@ -1,0 +1,156 @@
+"""The pipeline's MLflow run: found by its flow-run id, its params, tags and lineage, the evaluation logged once.
+
+One MLflow run per Prefect flow run, found again by the `prefect.flow_run_id` tag, so a retried task
+never creates a second run. Everything here goes through an `MlflowClient` built for an explicit
+tracking URI (`mlflow_client`): nothing reads or changes MLflow's process-wide tracking URI, so two
+pipelines in one process (a test session, a notebook) never write to each other's store.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from flows.config import PipelineConfig
+from flows.evaluate import EvalResult
+
+FLOW_RUN_TAG = "prefect.flow_run_id"
+SAMPLES_TABLE = "samples.json"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def mlflow_client(tracking_uri: str):
+    """A client of tracking_uri for both runs and the model registry (one store holds both)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": "0.1"}: nested config sections as MLflow params."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return out
+
+
+# --------------------------------------------------------------------------------------- lineage
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"versions.python": platform.python_version()}
+    for pkg in ("attention-pipeline", "torch", "ray", "prefect", "mlflow", "numpy"):
+        try:
+            tags[f"versions.{pkg}"] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return tags
+
+
+def git_tags(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """The project's git commit (MLflow's own tag, shown in the run page) and whether the tree is dirty."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root.resolve():
+            return {}  # an installed copy inside someone else's repository
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+# --------------------------------------------------------------------------------------- the run
+def _local_artifact_location(tracking_uri: str) -> str | None:
+    """Beside a SQLite store (<workdir>/mlartifacts) rather than MLflow's default ./mlruns of whatever
+    directory the process runs in; a tracking server keeps its own default."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def _find_run(client, experiment_id: str, flow_run_id: str) -> str | None:
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+                               max_results=1)
+    return found[0].info.run_id if found else None
+
+
+def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: str, run_name: str,
+                       tags: dict[str, str] | None = None) -> str:
+    """Return the MLflow run of this flow run, creating it (with params and tags) the first time."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(tracking_uri)
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(cfg.registry.experiment,
+                                              artifact_location=_local_artifact_location(tracking_uri))
+        except MlflowException:  # created concurrently
+            exp_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    if (run_id := _find_run(client, exp_id, flow_run_id)) is not None:
+        return run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={FLOW_RUN_TAG: flow_run_id, **(tags or {})})
+    params = [Param(k, v[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+    for i in range(0, len(params), 100):  # log_batch takes at most 100 params
+        client.log_batch(run.info.run_id, params=params[i: i + 100])
+    return run.info.run_id
+
+
+def close_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: str, status: str) -> str | None:
+    """Mark the flow run's MLflow run FAILED/FINISHED/KILLED if it exists (never creates one)."""
+    client = mlflow_client(tracking_uri)
+    exp = client.get_experiment_by_name(cfg.registry.experiment)
+    if exp is None:
+        return None
+    run_id = _find_run(client, exp.experiment_id, flow_run_id)
+    if run_id is not None:
+        client.set_terminated(run_id, status=status)
+    return run_id
+
+
+def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    mlflow_client(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+# --------------------------------------------------------------------------------------- evaluation
+def metric_points(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def log_evaluation(tracking_uri: str, run_id: str, result: EvalResult, figures: dict | None = None) -> None:
+    """Log metrics, the samples table and figures once: a retry re-logs nothing that is there already."""
+    from mlflow.entities import Metric
+
+    from flows.figures import loss_curves_figure
+
+    client = mlflow_client(tracking_uri)
+    if "eval_bits_per_byte" in client.get_run(run_id).data.metrics:
+        return  # the metrics go last, so an earlier attempt logged everything
+    figures = dict(figures or {})
+    figures["loss_curves.png"] = loss_curves_figure(metric_points(client, run_id, "train_loss"),
+                                                    metric_points(client, run_id, "val_loss"),
+                                                    title="loss (train: sampled batches; val: fixed batches)")
+    for name, fig in figures.items():
+        client.log_figure(run_id, fig, f"figures/{name}")  # same path on a retry: replaced, not added
+    if SAMPLES_TABLE not in {a.path for a in client.list_artifacts(run_id)}:  # log_table appends
+        client.log_table(run_id, data={"prompt": [s["prompt"] for s in result.samples],
+                                       "completion": [s["completion"] for s in result.samples]},
+                         artifact_file=SAMPLES_TABLE)
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in result.metrics().items()])

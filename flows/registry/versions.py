@@ -1,0 +1,142 @@
+"""A run's model version: the pyfunc logged as the run's `model`, then registered, each exactly once.
+
+A retried registration finds the version by its run id and the logged model by its source run, so it
+never creates a second of either. The model is logged through `MlflowClient` calls only (create the
+logged model, save the pyfunc to a temporary directory, upload it, finalize it) and registered with
+its artifact location as the version's source: MLflow's `log_model` needs the process-wide tracking
+URI and an active run, and a `models:/<id>` source would make a local registry look the model up
+through the process-wide tracking URI too. The version's tags carry the data lineage and the
+evaluation the champion gate compares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+from flows.config import PipelineConfig
+from flows.data import PreparedData
+from flows.evaluate import EvalResult
+from flows.registry.tracking import mlflow_client
+
+MODEL = "model"  # the logged model's name in its run
+TOKENIZER_DIGEST = "tokenizer.sha256"
+EVAL_BPB = "eval.bits_per_byte"
+
+
+def tokenizer_digest(data: PreparedData) -> str:
+    return hashlib.sha256((Path(data.path) / "tokenizer.json").read_bytes()).hexdigest()
+
+
+def existing_version(client, name: str, run_id: str):
+    """The version an earlier attempt registered from this run, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException:  # the registered model does not exist yet
+        return None
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _logged_model(client, run_id: str):
+    """The model an earlier attempt logged to this run and finished uploading, if any."""
+    from mlflow.entities import LoggedModelStatus
+
+    run = client.get_run(run_id)
+    try:
+        found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                            filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL}'")
+    except Exception:  # noqa: BLE001 - an old server without logged-model search: log again
+        return None
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return ready[0] if ready else None
+
+
+def _link_step_metrics(client, run_id: str, model_id: str, step: int = 0) -> None:
+    """Attach the run's metrics of `step` (the evaluation's) to the logged model, as log_model does,
+    so the model's page in the MLflow UI shows them."""
+    from mlflow.entities import Metric
+
+    metrics = [Metric(m.key, m.value, m.timestamp, m.step, run_id=run_id, model_id=model_id)
+               for key in client.get_run(run_id).data.metrics
+               for m in client.get_metric_history(run_id, key) if m.step == step and m.model_id is None]
+    for i in range(0, len(metrics), 1000):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[i: i + 1000])
+
+
+def log_pyfunc(client, run_id: str, pack_dir: str | Path, example_prompt: str):
+    """Log the pack as the pyfunc logged model `model` of run_id; returns the READY LoggedModel."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    from flows.registry.pyfunc import save_pyfunc
+
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=MODEL, source_run_id=run_id,
+                                       params=dict(run.data.params))  # log_model copies them, too
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        _link_step_metrics(client, run_id, model.model_id)
+        meta = Model(artifact_path=model.artifact_location, model_uuid=model.model_id, run_id=run_id,
+                     model_id=model.model_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = save_pyfunc(pack_dir, Path(tmp) / MODEL, example_prompt, mlflow_model=meta)
+            client.log_model_artifacts(model.model_id, str(local))
+    except Exception:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)  # never found again
+        raise
+    return client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+
+def ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="Self-attention transformer language model "
+                                           "trained by attention-pipeline; alias champion is what ships.")
+        except MlflowException:
+            pass  # created concurrently
+
+
+def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, checkpoint_path: str,
+                      data: PreparedData, result: EvalResult):
+    """The model version of this run: logged as a pyfunc and registered the first time only."""
+    from flows.modelpack import export_model_pack
+
+    client = mlflow_client(tracking_uri)
+    name = cfg.registry.model_name
+    version = existing_version(client, name, run_id)
+    if version is not None:
+        return version
+    tags = {"data.fingerprint": data.fingerprint, "data.tokenizer": data.tokenizer,
+            TOKENIZER_DIGEST: tokenizer_digest(data), EVAL_BPB: str(result.bits_per_byte),
+            "eval.val_loss": str(result.val_loss), "eval.perplexity": str(result.perplexity),
+            "eval.block_size": str(result.block_size)}
+    model = _logged_model(client, run_id)
+    if model is None:
+        example = cfg.eval.prompts[0] if cfg.eval.prompts else ""
+        with tempfile.TemporaryDirectory() as tmp:
+            pack = export_model_pack(checkpoint_path, data.path, Path(tmp) / "model_pack")
+            model = log_pyfunc(client, run_id, pack, example)
+    ensure_registered_model(client, name)
+    version = client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags,
+                                          model_id=model.model_id)
+    _link_version(client, model.model_id, version)
+    return version
+
+
+def _link_version(client, model_id: str, version) -> None:
+    """List the version on its logged model's page, as MLflow's register_model does (a tracking server
+    does it itself; a local store does not, and the version's source is a plain location, not the model)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    links = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if (version.name, str(version.version)) not in {(link["name"], str(link["version"])) for link in links}:
+        links.append({"name": version.name, "version": version.version})
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)})
