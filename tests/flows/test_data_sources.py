@@ -85,3 +85,19 @@ def test_pinning_needs_a_resolved_source_and_prep_its_own_source(tmp_path: Path)
     other = pin_source(resolve_source("python-stdlib"))
     with pytest.raises(ValueError, match="is not cfg.data.source"):
         prepare_dataset(config(tmp_path, tmp_path / "corpus"), other)
+
+
+def test_a_directory_lists_its_visible_files_like_rglob(tmp_path: Path):
+    root = tmp_path / "corpus"
+    for name in ("x.txt", ".hidden", "a/y.txt", ".git/z.txt", "b/.cache/q.txt", "b/w.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "e.txt").write_text("e")
+    (root / "b" / "linked-folder").symlink_to(tmp_path / "elsewhere")  # not entered, as rglob does not
+    (root / "b" / "linked-file").symlink_to(root / "a" / "y.txt")
+    (root / "b" / "broken").symlink_to(tmp_path / "nowhere")
+    expected = sorted(str(q) for q in root.rglob("*") if q.is_file()
+                      and not any(part.startswith(".") for part in q.relative_to(root).parts))
+    assert resolve_source(str(root)).files == tuple(expected)
+    assert [Path(f).relative_to(root).as_posix() for f in expected] == ["a/y.txt", "b/linked-file", "b/w.txt", "x.txt"]
