@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from .attention import ForwardContext, KVCache, SelfAttention, attention_bias, rope_angles
 from .config import ConfigError, ModelConfig
 from .generation import generate
-# re-exported: these lived here before wrappers.py, and training.py still imports them from here
-from .wrappers import strip_wrappers, unwrap_model  # noqa: F401
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:

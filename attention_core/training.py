@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .model import Transformer, strip_wrappers, unwrap_model
+from .model import Transformer
+from .wrappers import strip_wrappers, unwrap_model
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer and schedule

@@ -75,10 +75,10 @@ def _load_config(args):
 
 
 def cmd_run(args) -> int:
-    from flows.data import resolve_source
+    from flows.data import check_source
 
     cfg = _load_config(args)
-    resolve_source(cfg.data.source)  # fail fast on a missing path, before any service starts
+    check_source(cfg.data.source)  # fail fast on a missing path, before any service starts
     from flows.pipeline import training_pipeline_flow
 
     reg = training_pipeline_flow(config=cfg)

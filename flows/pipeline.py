@@ -12,21 +12,17 @@ body only wires results from task to task.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.cache_policies import CachePolicy
 from prefect.runtime import deployment, flow_run
 from prefect.tasks import exponential_backoff
 
 from flows.config import PipelineConfig, with_environment
-from flows.data import PreparedData
+from flows.data import PreparedData, Source, parse_source
+from flows.data.cache import DataFingerprintCache, prepare_options, source_for_run
 from flows.errors import is_user_error
 from flows.evaluate import EvalResult
 from flows.registry import Registration
@@ -49,21 +45,10 @@ def _flow_run_id() -> str:
 
 
 # --------------------------------------------------------------------------------------- naming, lineage
-def dataset_label(source: str) -> str:
-    """A short name for data.source: 'python-stdlib', a file's stem, a glob's fixed folder, a dataset's name."""
-    if source.startswith("hf:") or "://" in source:
-        name = source.rstrip("/").rsplit("/", 1)[-1]
-    else:
-        parts = Path(source).parts
-        cut = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), len(parts))
-        name = Path(*parts[:cut]).stem if cut else "glob"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "data"
-
-
 def run_name_for(cfg: PipelineConfig, when) -> str:
     """<dataset>-<tokenizer>-<n_layer>x<n_embd>-<UTC date and time>, e.g. python-stdlib-char-4x128-20250101-0200."""
     m = cfg.model
-    return f"{dataset_label(cfg.data.source)}-{cfg.data.tokenizer}-{m.n_layer}x{m.n_embd}-{when:%Y%m%d-%H%M}"
+    return f"{parse_source(cfg.data.source).label}-{cfg.data.tokenizer}-{m.n_layer}x{m.n_embd}-{when:%Y%m%d-%H%M}"
 
 
 def _flow_run_name() -> str:
@@ -104,57 +89,19 @@ def _mlflow_run(cfg: PipelineConfig) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------- the data cache
-@lru_cache(maxsize=32)
-def _fingerprint(data_settings: str, files: tuple[tuple[str, int, int], ...]) -> str:
-    from flows.data import fingerprint_inputs
-
-    cfg = PipelineConfig.model_validate({"data": json.loads(data_settings)})
-    return fingerprint_inputs([Path(f) for f, _, _ in files], cfg)
-
-
-def data_fingerprint(cfg: PipelineConfig) -> str | None:
-    """flows.data's content fingerprint of cfg.data (memoised on the files' sizes and mtimes), or
-    None when the source cannot be listed here; prepare_dataset then runs and reports why."""
-    from flows.data import resolve_source
-
-    try:
-        files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in resolve_source(cfg.data.source))
-        return _fingerprint(cfg.data.model_dump_json(), files)
-    except Exception:  # noqa: BLE001 - not cacheable; the task itself raises the real error
-        return None
-
-
-@dataclass
-class DataFingerprintCache(CachePolicy):
-    """prepare_dataset's cache key: the data fingerprint, plus the workdir and block size its result
-    depends on (the path it returns, and the corpus-size check)."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
-        cfg: PipelineConfig = inputs["cfg"]
-        fp = data_fingerprint(cfg)
-        if fp is None:
-            return None
-        extra = hashlib.sha256(json.dumps([str(cfg.workdir_path), cfg.model.block_size]).encode()).hexdigest()
-        return f"prepare_dataset-{fp}-{extra[:16]}"
-
-
 @task(name="prepare_dataset", retries=2, cache_policy=DataFingerprintCache(), persist_result=True,
       result_serializer="json", **_RETRY)
-def prepare_dataset_task(cfg: PipelineConfig) -> PreparedData:
+def prepare_dataset_task(cfg: PipelineConfig, source: Source | None = None) -> PreparedData:
     """Tokenize the corpus into train/val token arrays (reused when the fingerprint matches)."""
     from flows.data import prepare_dataset
 
-    return prepare_dataset(cfg)
+    return prepare_dataset(cfg, source)
 
 
-def _prepare_dataset_cached(cfg: PipelineConfig):
-    """prepare_dataset_task with its results under the workdir; a cached result whose directory is
-    gone is recomputed and overwritten (refresh_cache) instead of handed to training."""
-    fp = data_fingerprint(cfg)
-    gone = fp is not None and not (cfg.workdir_path / "data" / fp / "meta.json").is_file()  # flows.data's layout
-    return prepare_dataset_task.with_options(
-        result_storage=cfg.workdir_path / "prefect-results",  # a Path: a local folder, no block to save
-        refresh_cache=True if gone else None)
+def _prepare_dataset_cached(cfg: PipelineConfig, **call):
+    """prepare_dataset_task on data.source resolved and hashed once, for its cache key and the prep alike."""
+    source = source_for_run(cfg)
+    return prepare_dataset_task.with_options(**prepare_options(cfg, source))(cfg, source, **call)
 
 
 @task(name="train_model", retries=2, **_RETRY)
@@ -254,7 +201,7 @@ def training_pipeline_flow(config: PipelineConfig = PipelineConfig(),
                            fault: FaultInjection | None = None) -> Registration:
     """Prepare data, train on Ray, evaluate, and register the model in MLflow (`fault`: recovery tests only)."""
     config = with_environment(config)  # the flow's entry: MLFLOW_TRACKING_URI, RAY_ADDRESS where it runs
-    data = _prepare_dataset_cached(config)(config)
+    data = _prepare_dataset_cached(config)
     trained = train_model_task(config, data, fault)
     result = evaluate_model_task(config, data, trained)
     return register_model_task(config, data, trained, result)

@@ -1,6 +1,7 @@
 """prepare_dataset: a corpus in, train.bin/val.bin/tokenizer.json/meta.json out, content-addressed.
 
-1. Fingerprint the source content and the settings; an existing `<workdir>/data/<fingerprint>/` is reused.
+1. Fingerprint the source content (hashed once per run: a source the caller already pinned is not hashed
+   again) and the settings; an existing `<workdir>/data/<fingerprint>/` is reused.
 2. Read the documents into an Arrow table (documents.py), each document's split decided by its content;
    a corpus whose documents all land in one split (a single file, say) is split by its tail instead,
    nanoGPT's convention: the last `val_fraction` of its tokens.
@@ -34,7 +35,7 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 from flows.data.documents import CharAlphabet, DocumentTable, DocumentWriter
 from flows.data.readers import iter_documents
-from flows.data.sources import STDLIB, Source, pin_revision, resolve_source, source_digest
+from flows.data.sources import Source, pin_source, resolve_source
 from flows.errors import UserError
 from flows.tokenizer import KINDS, BPETokenizer, new_tokenizer, token_dtype
 
@@ -85,27 +86,28 @@ def _settings(cfg: PipelineConfig, source: Source) -> dict:
 
 
 def fingerprint(source: Source, settings: dict) -> str:
-    """16 hex digits of sha256 over the format version, the settings and the source content."""
+    """16 hex digits of sha256 over the format version, the settings and the pinned source's digest."""
+    if not source.digest:
+        raise ValueError(f"fingerprint: {source.spec} is not pinned (call pin_source first)")
     h = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, **settings}, sort_keys=True).encode())
-    h.update(source_digest(source).encode())
+    h.update(source.digest.encode())
     return h.hexdigest()[:16]
 
 
-def fingerprint_inputs(files: list[Path], cfg: PipelineConfig) -> str:
-    """The fingerprint prepare_dataset gives cfg.data when its source is these local files (listed by
-    resolve_source), for callers that memoise it on the files' sizes and times; local sources only."""
-    spec = cfg.data.source
-    if spec.startswith("hf:") or "://" in spec:
-        raise UserError(f"data.source: {spec} is not local files")
-    source = Source(spec, "stdlib" if spec == STDLIB else "local", tuple(map(str, files)))
+def dataset_fingerprint(cfg: PipelineConfig, source: Source) -> str:
+    """The fingerprint prepare_dataset(cfg, source) gives, from a pinned source (no I/O); UserError when
+    cfg.data's settings are invalid."""
     return fingerprint(source, _settings(cfg, source))
 
 
-def prepare_dataset(cfg: PipelineConfig) -> PreparedData:
-    """Prepare (or reuse) the token arrays for cfg.data; see the module docstring."""
-    source = resolve_source(cfg.data.source)
-    settings = _settings(cfg, source)
-    source = pin_revision(source)
+def prepare_dataset(cfg: PipelineConfig, source: Source | None = None) -> PreparedData:
+    """Prepare (or reuse) the token arrays for cfg.data; see the module docstring. `source` is cfg.data.source
+    as the caller already parsed, resolved or pinned it: what it already has is not listed or hashed again."""
+    if source is not None and source.spec != cfg.data.source:
+        raise ValueError(f"prepare_dataset: source {source.spec!r} is not cfg.data.source {cfg.data.source!r}")
+    source = resolve_source(source or cfg.data.source)
+    settings = _settings(cfg, source)  # invalid settings fail before a Hub call or a hash
+    source = pin_source(source)
     fp = fingerprint(source, settings)
     root = cfg.workdir_path / "data"
     out = root / fp

@@ -1,10 +1,13 @@
-"""Corpus sources: what `data.source` names, and how its content is fingerprinted.
+"""Corpus sources: what `data.source` names, parsed once into a typed `Source`, and its content digest.
 
 A source is `python-stdlib`, local files (a path, a directory or a glob), remote files behind an fsspec
 URI (`s3://bucket/prefix/*.parquet`, `gs://...`, `memory://...`), or a Hugging Face Hub dataset
-(`hf:owner/name`). `resolve_source` only lists and checks (the CLI calls it before anything starts);
-`source_digest` hashes local files' bytes, remote files' ETags or checksums, and a Hub dataset's commit.
-Reading the documents is readers.py's job.
+(`hf:owner/name`). The string is read in one place, `parse_source` (syntax only, no I/O, memoised); the
+steps after it each return a new frozen `Source` carrying more: `resolve_source` lists the files and
+checks them (`check_source` is the CLI's cheaper check, stopping at the first file), and `pin_source`
+fixes the content: a Hub dataset's commit, and the digest of the files' bytes (local), ETags or
+checksums (remote) or that commit (hf). A run resolves and pins once and hands the `Source` on, so each
+file is hashed once per run. Reading the documents is readers.py's job.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -26,17 +30,20 @@ ROW_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "cs
              ".parquet": "parquet", ".pq": "parquet"}
 _HF_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _TRUE = {"1", "on", "yes", "true"}
+_PATTERN = "*?["
 
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved `data.source`: its kind and files (local paths or fsspec URLs), or a Hub dataset."""
+    """`data.source` parsed: its kind; once resolved, its files (local paths or fsspec URLs) or Hub
+    dataset; once pinned, the Hub commit and the content digest."""
 
     spec: str
     kind: Literal["stdlib", "local", "remote", "hf"]
     files: tuple[str, ...] = ()
     repo_id: str = ""
-    revision: str = ""  # hf: the commit the data comes from, fixed when the source is fingerprinted
+    revision: str = ""  # hf: the commit the data comes from, fixed by pin_source
+    digest: str = ""  # sha256 of the content, set by pin_source: a pinned source is never hashed again
 
     def describe(self) -> dict:
         out: dict = {"spec": self.spec, "kind": self.kind}
@@ -50,11 +57,18 @@ class Source:
     def has_rows(self) -> bool:
         return self.kind == "hf" or any(file_kind(f) != "text" for f in self.files)
 
-    def __iter__(self) -> Iterator[Path]:
-        """The local files, as Paths (what resolve_source used to return); TypeError for other sources."""
-        if self.kind not in ("stdlib", "local"):
-            raise TypeError(f"data.source {self.spec} is not local files")
-        return iter(map(Path, self.files))
+    @property
+    def label(self) -> str:
+        """A short name for runs: 'python-stdlib', a file's stem, a glob's fixed folder, a dataset's name."""
+        if self.kind in ("hf", "remote"):
+            name = self.spec.rstrip("/").rsplit("/", 1)[-1]
+        elif self.kind == "stdlib":
+            name = STDLIB
+        else:
+            parts = Path(self.spec).parts
+            cut = next((i for i, part in enumerate(parts) if _is_pattern(part)), len(parts))
+            name = Path(*parts[:cut]).stem if cut else "glob"
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "data"
 
 
 def file_kind(path: str) -> str:
@@ -68,44 +82,103 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.glob("*.py") if p.is_file())
 
 
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+def _is_pattern(path: str) -> bool:
+    return any(ch in path for ch in _PATTERN)
 
 
-def resolve_source(source: str) -> Source:
-    """Cheap validation of data.source (listing files, no reading or downloading); UserError when unusable."""
-    if source == STDLIB:
-        files = stdlib_files()
-        if not files:
-            raise UserError("data.source: python-stdlib found no *.py files in this interpreter's stdlib")
-        return Source(source, "stdlib", tuple(map(str, files)))
-    if source.startswith("hf:"):
-        repo_id = source[3:]
-        if not _HF_NAME.match(repo_id):
-            raise UserError(f"data.source: {source!r} is not a Hugging Face dataset name (hf:owner/name)")
-        if hub_offline():
-            raise UserError(offline_message(source))
-        return Source(source, "hf", repo_id=repo_id)
-    if "://" in source:
-        return _resolve_remote(source)
-    expanded = os.path.expanduser(source)
-    if any(ch in expanded for ch in "*?["):
-        files = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
-        if not files:
-            raise UserError(f"data.source: glob {source!r} matched no files")
-        return Source(source, "local", tuple(files))
-    p = Path(expanded)
-    if p.is_dir():
-        files = sorted(str(q) for q in p.rglob("*") if q.is_file() and _visible(q, p))
-        if not files:
-            raise UserError(f"data.source: directory {source} holds no files")
-        return Source(source, "local", tuple(files))
-    if not p.exists():
-        raise UserError(f"data.source: path not found: {source}")
-    return Source(source, "local", (str(p),))
+def _walk(root: str) -> Iterator[str]:
+    """The files under root, hidden ones (and those in hidden folders) left out, as Path.rglob finds them
+    (symlinked folders not entered, unreadable ones skipped), but with no stat or Path object per file:
+    the 1 GB benchmark corpus's 35,784 files list in 0.05 s instead of 1.1 s."""
+    folders = [root]
+    while folders:
+        try:
+            entries = list(os.scandir(folders.pop()))
+        except PermissionError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry.path)
+            elif entry.is_file():
+                yield entry.path
 
 
-def _resolve_remote(source: str) -> Source:
+# ---- parse, check, resolve ------------------------------------------------------------------------
+
+@lru_cache(maxsize=64)  # a pure function of the string: the run name, the CLI check and the run share it
+def parse_source(spec: str) -> Source:
+    """What the string names, by its syntax alone (no I/O, never raises): the one reader of data.source."""
+    if spec == STDLIB:
+        return Source(spec, "stdlib")
+    if spec.startswith("hf:"):
+        return Source(spec, "hf", repo_id=spec[3:])
+    if "://" in spec:
+        return Source(spec, "remote")
+    return Source(spec, "local")
+
+
+def resolve_source(source: str | Source) -> Source:
+    """The source with its files listed (no reading or downloading); UserError when it is unusable.
+    A source that has its files already comes back as it is."""
+    src = parse_source(source) if isinstance(source, str) else source
+    if src.files:  # resolved already
+        return src
+    if src.kind == "hf":
+        _check_hub_name(src)
+        return src
+    if src.kind == "remote":
+        return replace(src, files=_remote_files(src.spec))
+    return replace(src, files=tuple(sorted(_local_files(src))))
+
+
+def check_source(spec: str) -> Source:
+    """resolve_source's checks and errors, stopping at the first file found: the CLI's check before
+    anything starts. Returns the parsed source (no files); the run resolves it once."""
+    src = parse_source(spec)
+    if src.kind == "hf":
+        _check_hub_name(src)
+    elif src.kind == "remote":
+        _remote_files(src.spec)  # one listing call; there is no cheaper existence check for a glob
+    else:
+        next(_local_files(src))
+    return src
+
+
+def _check_hub_name(src: Source) -> None:
+    if not _HF_NAME.match(src.repo_id):
+        raise UserError(f"data.source: {src.spec!r} is not a Hugging Face dataset name (hf:owner/name)")
+    if hub_offline():
+        raise UserError(offline_message(src.spec))
+
+
+def _local_files(src: Source) -> Iterator[str]:
+    """The files of a stdlib or local source, lazily (unsorted); UserError, before the first, when none."""
+    if src.kind == "stdlib":
+        found: Iterator[str] = map(str, stdlib_files())
+        empty = "data.source: python-stdlib found no *.py files in this interpreter's stdlib"
+    else:
+        expanded = os.path.expanduser(src.spec)
+        p = Path(expanded)
+        if _is_pattern(expanded):
+            found = (f for f in glob.iglob(expanded, recursive=True) if os.path.isfile(f))
+            empty = f"data.source: glob {src.spec!r} matched no files"
+        elif p.is_dir():
+            found = _walk(str(p))
+            empty = f"data.source: directory {src.spec} holds no files"
+        elif p.exists():
+            found, empty = iter([str(p)]), ""
+        else:
+            raise UserError(f"data.source: path not found: {src.spec}")
+    first = next(found, None)
+    if first is None:
+        raise UserError(empty)
+    yield first
+    yield from found
+
+
+def _remote_files(source: str) -> tuple[str, ...]:
     import fsspec
 
     try:
@@ -115,7 +188,7 @@ def _resolve_remote(source: str) -> Source:
     except ValueError as err:
         raise UserError(f"data.source: {source}: {err}") from None
     try:
-        if any(ch in path for ch in "*?["):
+        if _is_pattern(path):
             found = fs.glob(path, detail=True)
             files = sorted(name for name, info in found.items() if info.get("type") == "file")
             if not files:
@@ -130,7 +203,7 @@ def _resolve_remote(source: str) -> Source:
             raise UserError(f"data.source: path not found: {source}")
     except (FileNotFoundError, PermissionError) as err:
         raise UserError(f"data.source: {source}: {err}") from None
-    return Source(source, "remote", tuple(fs.unstrip_protocol(f) for f in files))
+    return tuple(fs.unstrip_protocol(f) for f in files)
 
 
 # ---- the Hugging Face Hub -------------------------------------------------------------------------
@@ -165,7 +238,7 @@ def hub_error(source: Source, err: Exception) -> UserError | None:
     return None
 
 
-def pin_revision(source: Source) -> Source:
+def _pin_revision(source: Source) -> Source:
     """For hf sources, the Hub commit the data will come from (one metadata call); others unchanged."""
     if source.kind != "hf" or source.revision:
         return source
@@ -180,9 +253,20 @@ def pin_revision(source: Source) -> Source:
     return replace(source, revision=info.sha)
 
 
-# ---- fingerprints ---------------------------------------------------------------------------------
+# ---- pinning: the content digest ------------------------------------------------------------------
 
-def source_digest(source: Source) -> str:
+def pin_source(source: Source) -> Source:
+    """The resolved source with its content fixed: the Hub commit pinned and the digest computed. A source
+    that already carries its digest comes back as it is: whoever holds it never hashes the files again."""
+    if source.digest:
+        return source
+    if source.kind != "hf" and not source.files:
+        raise ValueError(f"pin_source: {source.spec} is not resolved (call resolve_source first)")
+    source = _pin_revision(source)
+    return replace(source, digest=_content_digest(source))
+
+
+def _content_digest(source: Source) -> str:
     """sha256 over the source's content: file names and bytes (local), ETags/checksums (remote), commit (hf)."""
     h = hashlib.sha256(source.kind.encode() + b"\0")  # not the spec: the same files by another path reuse
     if source.kind == "hf":
@@ -202,6 +286,7 @@ def source_digest(source: Source) -> str:
 
 
 def _file_sha256(path: str) -> str:
+    """sha256 of one local file's bytes."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:

@@ -260,29 +260,19 @@ def test_more_processes_same_result(tmp_path: Path, monkeypatch):
 def test_default_source_is_the_stdlib(tmp_path: Path):
     src = resolve_source("python-stdlib")
     assert src.kind == "stdlib" and len(src.files) > 50 and all(f.endswith(".py") for f in src.files)
-    assert [p.name for p in src] == sorted(p.name for p in src)
+    names = [Path(f).name for f in src.files]
+    assert names == sorted(names)
 
 
 @pytest.mark.parametrize("source", ["python-stdlib", "corpus", "corpus/*.txt"])
-def test_fingerprint_inputs_predicts_the_directory(tmp_path: Path, source):
-    from flows.data import fingerprint_inputs
+def test_dataset_fingerprint_predicts_the_directory(tmp_path: Path, source):
+    from flows.data import dataset_fingerprint, pin_source
 
     write_text_files(tmp_path / "corpus", make_docs(20))
     spec = source if source == "python-stdlib" else str(tmp_path / source)
     cfg = config(tmp_path, spec, tokenizer="byte")
-    files = list(resolve_source(spec))  # Paths, as callers that memoise on their sizes and times expect
-    assert fingerprint_inputs(files, cfg) == prepare_dataset(cfg).fingerprint
-
-
-def test_remote_and_hub_sources_are_not_local_files(tmp_path: Path, monkeypatch):
-    from flows.data import fingerprint_inputs
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    with pytest.raises(TypeError):
-        list(resolve_source("hf:owner/name"))
-    with pytest.raises(UserError, match="not local files"):
-        fingerprint_inputs([], config(tmp_path, "hf:owner/name"))
+    pinned = pin_source(resolve_source(spec))
+    assert dataset_fingerprint(cfg, pinned) == prepare_dataset(cfg).fingerprint == prepare_dataset(cfg, pinned).fingerprint
 
 
 def test_hub_source_streams_the_pinned_commit(tmp_path: Path, monkeypatch):

@@ -1,5 +1,5 @@
 """Registry pieces that need no MLflow store: the recorded gate decision, lineage tags, the summary,
-the flow-run name, the data cache key and the nightly schedule."""
+the flow-run name and the nightly schedule (the data cache key: tests/flows/test_data_cache.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 
 from flows.config import load_config, validate_config
 from flows.evaluate import EvalResult
-from flows.pipeline import PREFECT_YAML, DataFingerprintCache, dataset_label, run_name_for
+from flows.pipeline import PREFECT_YAML, run_name_for
 from flows.registry import GateDecision, Registration, git_tags, library_versions, run_url, summary_markdown
 
 
@@ -33,15 +33,6 @@ def test_no_recorded_decision_without_the_decision_tag():
     tags = GateDecision(promote=True, method="m", challenger_bits_per_byte=1.0).tags()
     del tags["gate.decision"]
     assert GateDecision.from_tags(tags) is None
-
-
-@pytest.mark.parametrize("source, label", [
-    ("python-stdlib", "python-stdlib"), ("/data/tinyshakespeare.txt", "tinyshakespeare"),
-    ("corpus/**/*.txt", "corpus"), ("*.txt", "glob"), ("hf:karpathy/tiny_shakespeare", "tiny-shakespeare"),
-    ("s3://bucket/My Corpus/", "my-corpus"),
-])
-def test_dataset_label(source, label):
-    assert dataset_label(source) == label
 
 
 def test_flow_run_name_says_dataset_tokenizer_and_model_size():
@@ -80,24 +71,6 @@ def test_summary_names_metrics_comparison_and_link():
         assert needle in md
 
 
-def test_data_cache_key_follows_the_content_fingerprint(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("hello world\n" * 50)
-    policy = DataFingerprintCache()
-
-    def key(*overrides):
-        cfg = load_config(overrides=[f"workdir={tmp_path / 'wd'}", f"data.source={corpus}", *overrides])
-        return policy.compute_key(None, {"cfg": cfg}, {})
-
-    first = key()
-    assert first == key() and first.startswith("prepare_dataset-")
-    assert key("train.max_steps=5") == first            # training settings do not touch the data
-    assert key("data.val_fraction=0.2") != first         # tokenization settings do
-    assert key("model.block_size=64") != first           # the corpus-size check depends on it
-    assert key(f"workdir={tmp_path / 'other'}") != first  # the returned path does
-    corpus.write_text("hello there\n" * 50)
-    assert key() != first                                # and so does the content
-    assert policy.compute_key(None, {"cfg": load_config(overrides=["data.source=/no/such/file"])}, {}) is None
 
 
 def test_prefect_yaml_deployments():

@@ -141,7 +141,7 @@ def test_retried_evaluation_and_registration_change_nothing(pipeline_run, monkey
 
     @flow(name="retry-check")
     def evaluate_and_register(config, trained):
-        data = pipeline._prepare_dataset_cached(config)(config)
+        data = pipeline._prepare_dataset_cached(config)
         result = pipeline.evaluate_model_task(config, data, trained)
         return pipeline.register_model_task(config, data, trained, result)
 
@@ -183,7 +183,7 @@ def test_prepare_dataset_is_cached_across_flow_runs_until_its_directory_is_gone(
 
     @flow(name="prepare-only")
     def prepare_only(config):
-        return _prepare_dataset_cached(config)(config, return_state=True)
+        return _prepare_dataset_cached(config, return_state=True)
 
     def run():
         state = prepare_only(cfg)
