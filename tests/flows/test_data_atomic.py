@@ -52,6 +52,7 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120.0) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["documents", "tokens"])
 def test_killed_prep_leaves_nothing_and_a_rerun_succeeds(tmp_path: Path, stage):
     docs = make_docs(4000)  # about 0.4 MB: a bpe prep takes a few seconds here
@@ -77,6 +78,7 @@ def test_killed_prep_leaves_nothing_and_a_rerun_succeeds(tmp_path: Path, stage):
     assert sorted(got["train"] + got["val"]) == sorted(docs)
 
 
+@pytest.mark.slow
 def test_concurrent_preps_both_succeed_with_one_result(tmp_path: Path):
     write_text_files(tmp_path / "corpus", make_docs(3000))
     go = tmp_path / "go"
