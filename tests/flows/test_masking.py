@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -47,3 +49,23 @@ def test_the_cli_final_lines_and_the_run_url_show_no_password():
     line = mlflow_ui_line("postgresql://user:pass@db/mlflow")
     assert "pass" not in line and "user" not in line and "--backend-store-uri postgresql://***@db/mlflow" in line
     assert run_url("https://user:pass@host/", "1", "abc") == "https://***@host/#/experiments/1/runs/abc"
+
+
+@pytest.mark.slow
+def test_the_cli_error_for_an_unreachable_tracking_server_shows_no_password(tmp_path):
+    """`generate` against a tracking server that does not answer (MLFLOW_TRACKING_URI with credentials,
+    read at the edge): one line, exit 2, the URI masked in it, MLflow's own error message included."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://alice:s3cr3t@127.0.0.1:9/", "DO_NOT_TRACK": "1",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "flows", "generate", "--model-uri", "models:/m/1", "--prompt", "hi"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --model-uri: cannot load models:/m/1 from http://***@127.0.0.1:9/: API request to "
+                                  "http://***@127.0.0.1:9/api/"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "alice" not in proc.stdout + proc.stderr and "s3cr3t" not in proc.stdout + proc.stderr
