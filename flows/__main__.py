@@ -94,7 +94,8 @@ def mlflow_ui_line(tracking_uri: str) -> str:
 
     if tracking_uri.startswith(("http://", "https://")):
         return f"MLflow UI: {mask_uri(tracking_uri)}"
-    return f"MLflow UI for this store:  mlflow ui --backend-store-uri {mask_uri(tracking_uri)} --host 127.0.0.1 --port 5000"
+    return (f"MLflow UI for this store:  mlflow ui --backend-store-uri {mask_uri(tracking_uri)} "
+            "--host 127.0.0.1 --port 5000")
 
 
 def cmd_generate(args) -> int:

@@ -1,7 +1,8 @@
 """The champion gate: promote a new model version only when it beats the current champion.
 
 The gate compares the challenger with the current champion on the same validation windows when both
-use the same tokenizer (re-evaluating the champion), else on their recorded bits per byte, and moves
+use the same tokenizer (re-evaluating the champion), else on their recorded bits per byte (also when the
+champion's model pack is gone from the artifact store: the decision's method says so), and moves
 the `champion` alias in one call, so there is never more than one champion. The decision is recorded
 on the challenger's version (and its run) as `gate.*` tags, and a retry reuses it while the champion
 it was made against is still the champion. The caller serialises gates of one registered model (a
@@ -143,7 +144,8 @@ def decide(cfg: PipelineConfig, tracking_uri: str, challenger, champion, *, data
         except ChampionArtifactsGone as gone:  # else every later registration would fail here
             method = f"recorded bits per byte ({gone})"
         else:
-            return GateDecision(promote=c_bpb < k_bpb - margin, method="re-evaluated champion on the same validation split",
+            return GateDecision(promote=c_bpb < k_bpb - margin,
+                                method="re-evaluated champion on the same validation split",
                                 challenger_bits_per_byte=c_bpb, champion_bits_per_byte=k_bpb,
                                 challenger_val_loss=c_loss, champion_val_loss=k_loss, **common)
     k_bpb = _recorded_bits_per_byte(mlflow_client(tracking_uri), champion)

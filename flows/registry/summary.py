@@ -15,7 +15,8 @@ from flows.masking import mask_uri
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI: the tracking server's, else the `mlflow ui` the CLI suggests
     (credentials in the tracking URI masked: the URL is published)."""
-    base = mask_uri(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    local = not tracking_uri.startswith(("http://", "https://"))
+    base = "http://127.0.0.1:5000" if local else mask_uri(tracking_uri).rstrip("/")
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 

@@ -65,7 +65,7 @@ def test_the_cli_error_for_an_unreachable_tracking_server_shows_no_password(tmp_
     proc = subprocess.run([sys.executable, "-m", "flows", "generate", "--model-uri", "models:/m/1", "--prompt", "hi"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: --model-uri: cannot load models:/m/1 from http://***@127.0.0.1:9/: API request to "
-                                  "http://***@127.0.0.1:9/api/"), proc.stderr
+    assert proc.stderr.startswith("error: --model-uri: cannot load models:/m/1 from http://***@127.0.0.1:9/: "
+                                  "API request to http://***@127.0.0.1:9/api/"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "alice" not in proc.stdout + proc.stderr and "s3cr3t" not in proc.stdout + proc.stderr
