@@ -9,6 +9,7 @@ MLflow's global tracking or registry URI. What is downloaded is then a plain art
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 from flows.registry.pyfunc import PACK
@@ -25,7 +26,9 @@ def _version_of(client, name: str, ref: str) -> str:
     if ref.lower() == "latest" and (literal := filter_literal(name)) is not None:
         versions = client.search_model_versions(f"name = {literal}")
     elif ref.lower() == "latest":  # a name the filter grammar cannot quote: the newest of each stage's newest
-        versions = client.get_latest_versions(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated; here they cover every version
+            versions = client.get_latest_versions(name)
     else:  # stages are deprecated in MLflow 3, but old URIs may still name one
         versions = client.get_latest_versions(name, stages=[ref])
     if not versions:

@@ -113,6 +113,24 @@ def test_a_retry_after_a_failure_at_each_step_ends_with_one_version_decision_and
     assert [t.run_count for t in runs] == [2]  # Prefect retried it once
 
 
+@pytest.mark.parametrize("name", ["o'brien", 'say "hi"', "both ' and \""])
+def test_a_name_with_quotes_registers_once_across_retries(name, prepared_corpus, tiny_checkpoint):
+    """The search that finds an earlier attempt's version used to put the name in a filter: a `'`
+    made it unparsable, the error was swallowed, and each retry registered another version."""
+    from flows.registry import resolve_model_uri
+
+    cfg, data = prepared_corpus(CORPUS)
+    cfg.registry.model_name = name
+    uri, client = cfg.tracking_uri(), mlflow_client(cfg.tracking_uri())
+    checkpoint = tiny_checkpoint(data.vocab_size, seed=20)
+    run_id = start_pipeline_run(cfg, uri, flow_run_id=str(uuid.uuid4()), run_name="quotes")
+    first = log_model_version(cfg, uri, run_id, checkpoint_path=str(checkpoint), data=data, result=claimed(2.0))
+    again = log_model_version(cfg, uri, run_id, checkpoint_path=str(checkpoint), data=data, result=claimed(2.0))
+    assert (first.version, again.version) == (1, 1)
+    assert [v.version for v in versions_of(client, name)] == [1]
+    assert resolve_model_uri(client, f"models:/{name}/latest") == client.get_model_version_download_uri(name, 1)
+
+
 def test_a_champion_whose_artifacts_are_gone_is_compared_on_its_recorded_score(prepared_corpus, tiny_checkpoint):
     cfg, data = prepared_corpus(CORPUS)
     cfg.registry.model_name = "gate-champion-gone"
