@@ -82,11 +82,20 @@ def cmd_run(args) -> int:
     from flows.pipeline import training_pipeline_flow
 
     reg = training_pipeline_flow(config=cfg)
-    uri = cfg.tracking_uri()
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
     print(f"  also as models:/{reg.model_name}@challenger")
-    print(f"MLflow UI for this store:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    print(mlflow_ui_line(cfg.tracking_uri()))
     return 0
+
+
+def mlflow_ui_line(tracking_uri: str) -> str:
+    """Where to see the run: the tracking server itself, else an `mlflow ui` on the store; credentials masked."""
+    from flows.masking import mask_uri
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {mask_uri(tracking_uri)}"
+    return (f"MLflow UI for this store:  mlflow ui --backend-store-uri {mask_uri(tracking_uri)} "
+            "--host 127.0.0.1 --port 5000")
 
 
 def cmd_generate(args) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow, task
 from prefect.runtime import deployment, flow_run
@@ -26,6 +27,7 @@ from flows.data.cache import DataFingerprintCache, prepare_options, source_for_r
 from flows.errors import is_user_error
 from flows.evaluate import EvalResult
 from flows.registry import Registration
+from flows.masking import mask_uri
 from flows.train import FaultInjection, TrainResult, local_checkpoint
 
 SUMMARY_KEY, LINK_KEY = "pipeline-summary", "mlflow-run"
@@ -164,15 +166,17 @@ def _publish_summary(reg: Registration, result: EvalResult, tracking_uri: str, l
 
 @task(name="register_model", retries=3, **_RETRY)
 def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainResult,
-                        result: EvalResult) -> Registration:
-    """Log and register the pyfunc once per run, run the champion gate, publish the run's summary."""
+                        result: EvalResult, on_step: Callable[[str], None] | None = None) -> Registration:
+    """Log and register the pyfunc once per run, run the champion gate, publish the run's summary
+    (`on_step(point)` after each registration step: fault tests only)."""
     from flows.registry import champion_gate, log_model_version
 
     uri, run_id = _mlflow_run(cfg)
     with local_checkpoint(trained) as checkpoint:
-        version = log_model_version(cfg, uri, run_id, checkpoint_path=checkpoint, data=data, result=result)
+        version = log_model_version(cfg, uri, run_id, checkpoint_path=checkpoint, data=data, result=result,
+                                    on_step=on_step)
     with _champion_lock(cfg.registry.model_name):
-        reg = champion_gate(cfg, uri, version, data=data, result=result)
+        reg = champion_gate(cfg, uri, version, data=data, result=result, on_step=on_step)
     _publish_summary(reg, result, uri, _lineage(data, trained))
     return reg
 
@@ -189,7 +193,7 @@ def _close_mlflow_run(status: str):
         try:
             close_pipeline_run(cfg, cfg.tracking_uri(), flow_run_id=str(flow_run_.id), status=status)
         except Exception as exc:  # noqa: BLE001 - a hook must not mask the flow's own failure
-            print(f"could not mark the MLflow run {status}: {exc}")
+            print(mask_uri(f"could not mark the MLflow run {status}: {exc}"))
 
     return hook
 

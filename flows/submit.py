@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from flows.config import load_config
 from flows.errors import UserError
+from flows.masking import mask_uri
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")
@@ -227,7 +228,7 @@ def submit_pipeline(address: str | None, *, config: str | None = None, config_js
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                    submission_id=new_submission_id(),
                                    metadata={"project": "attention-pipeline"})
-        print(f"[submit] job {job_id} submitted to {address}: {entrypoint}", file=out, flush=True)
+        print(mask_uri(f"[submit] job {job_id} submitted to {address}: {entrypoint}"), file=out, flush=True)
         if not wait:
             print(f"[submit] follow it with: ray job logs --follow --address {address} {job_id}", file=out)
             return 0

@@ -1,7 +1,8 @@
 """The champion gate: promote a new model version only when it beats the current champion.
 
 The gate compares the challenger with the current champion on the same validation windows when both
-use the same tokenizer (re-evaluating the champion), else on their recorded bits per byte, and moves
+use the same tokenizer (re-evaluating the champion), else on their recorded bits per byte (also when the
+champion's model pack is gone from the artifact store: the decision's method says so), and moves
 the `champion` alias in one call, so there is never more than one champion. The decision is recorded
 on the challenger's version (and its run) as `gate.*` tags, and a retry reuses it while the champion
 it was made against is still the champion. The caller serialises gates of one registered model (a
@@ -19,11 +20,13 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 from flows.data import PreparedData
 from flows.evaluate import EvalResult
-from flows.registry.loading import download_model_pack
-from flows.registry.tracking import mlflow_client, set_run_tags
-from flows.registry.versions import EVAL_BPB, TOKENIZER_DIGEST
+from flows.registry.loading import download_model_pack, pack_is_complete
+from flows.registry.tracking import does_not_exist, mlflow_client, set_run_tags
+from flows.registry.versions import EVAL_BPB, TOKENIZER_DIGEST, OnStep
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+# Steps of the gate, after the version exists (see versions.py): each passed to on_step once done.
+DECISION_RECORDED, CHAMPION_MOVED, ALIASES_MOVED = "decision recorded", "champion alias moved", "aliases moved"
 GATE = "gate."  # prefix of the champion decision's tags on a model version and on its run
 
 
@@ -74,12 +77,21 @@ class Registration(BaseModel):
 
 
 def current_champion(client, name: str):
+    """The champion version, or None when there is none; a store that does not answer raises (a
+    champion taken for absent would be replaced without a comparison)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException as err:
+        if does_not_exist(err):
+            return None
+        raise
+    return client.get_model_version(name, aliases[CHAMPION]) if CHAMPION in aliases else None
+
+
+class ChampionArtifactsGone(Exception):
+    """The champion's model pack is no longer in the artifact store: it cannot be re-evaluated."""
 
 
 def _recorded_bits_per_byte(client, version) -> float:
@@ -97,8 +109,14 @@ def _re_evaluate(cfg, tracking_uri, name, challenger, champion, data, result):
 
     tokens, device = data.tokens("val"), eval_device(cfg)  # the device the challenger was evaluated on
     with tempfile.TemporaryDirectory() as tmp:
-        champ_model, tokenizer = download_model_pack(tracking_uri, f"models:/{name}/{champion.version}",
-                                                     Path(tmp) / "champion", device)
+        champion_uri = f"models:/{name}/{champion.version}"
+        try:
+            champ_model, tokenizer = download_model_pack(tracking_uri, champion_uri, Path(tmp) / "champion", device)
+        except Exception as err:
+            if pack_is_complete(tracking_uri, champion_uri):
+                raise  # there, but not read this time: the task's retry tries again
+            raise ChampionArtifactsGone(f"champion v{champion.version}'s model pack is gone from the "
+                                        "artifact store") from err
         block = min(champ_model.config.block_size, result.block_size)  # windows both models can read
         score = dict(block_size=block, batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)
         champ = score_split(champ_model, tokenizer, tokens, **score)
@@ -118,25 +136,31 @@ def decide(cfg: PipelineConfig, tracking_uri: str, challenger, champion, *, data
         return GateDecision(promote=True, method="no champion", challenger_bits_per_byte=result.bits_per_byte,
                             challenger_val_loss=result.val_loss, min_improvement=margin)
     common = dict(champion_version=int(champion.version), min_improvement=margin)
+    method = "recorded bits per byte (the tokenizers differ)"
     if champion.tags.get(TOKENIZER_DIGEST) == challenger.tags.get(TOKENIZER_DIGEST):
-        (c_loss, c_bpb), (k_loss, k_bpb) = _re_evaluate(cfg, tracking_uri, cfg.registry.model_name,
-                                                        challenger, champion, data, result)
-        return GateDecision(promote=c_bpb < k_bpb - margin, method="re-evaluated champion on the same validation split",
-                            challenger_bits_per_byte=c_bpb, champion_bits_per_byte=k_bpb,
-                            challenger_val_loss=c_loss, champion_val_loss=k_loss, **common)
+        try:
+            (c_loss, c_bpb), (k_loss, k_bpb) = _re_evaluate(cfg, tracking_uri, cfg.registry.model_name,
+                                                            challenger, champion, data, result)
+        except ChampionArtifactsGone as gone:  # else every later registration would fail here
+            method = f"recorded bits per byte ({gone})"
+        else:
+            return GateDecision(promote=c_bpb < k_bpb - margin,
+                                method="re-evaluated champion on the same validation split",
+                                challenger_bits_per_byte=c_bpb, champion_bits_per_byte=k_bpb,
+                                challenger_val_loss=c_loss, champion_val_loss=k_loss, **common)
     k_bpb = _recorded_bits_per_byte(mlflow_client(tracking_uri), champion)
-    return GateDecision(promote=result.bits_per_byte < k_bpb - margin,
-                        method="recorded bits per byte (the tokenizers differ)",
+    return GateDecision(promote=result.bits_per_byte < k_bpb - margin, method=method,
                         challenger_bits_per_byte=result.bits_per_byte, champion_bits_per_byte=k_bpb, **common)
 
 
 def champion_gate(cfg: PipelineConfig, tracking_uri: str, version, *, data: PreparedData,
-                  result: EvalResult) -> Registration:
+                  result: EvalResult, on_step: OnStep | None = None) -> Registration:
     """Decide (or reuse this version's recorded decision), record it, then move the aliases.
 
     A recorded decision stands while the champion it was made against is still the champion (or is
     this version, promoted by an earlier attempt); otherwise it is made again against the new one.
     """
+    on_step = on_step or (lambda point: None)
     client = mlflow_client(tracking_uri)
     name = cfg.registry.model_name
     version = client.get_model_version(name, version.version)  # fresh tags
@@ -149,9 +173,12 @@ def champion_gate(cfg: PipelineConfig, tracking_uri: str, version, *, data: Prep
             client.set_model_version_tag(name, version.version, key, value)
         set_run_tags(tracking_uri, version.run_id, decision.tags())
         client.update_model_version(name, version.version, description=_describe(decision))
+        on_step(DECISION_RECORDED)
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, version.version)  # one update: never two champions
+        on_step(CHAMPION_MOVED)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
+    on_step(ALIASES_MOVED)
     run = client.get_run(version.run_id)
     return Registration(model_name=name, version=str(version.version),
                         model_uri=f"models:/{name}/{version.version}", champion=decision.promote,

@@ -9,10 +9,12 @@ MLflow's global tracking or registry URI. What is downloaded is then a plain art
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 from flows.registry.pyfunc import PACK
-from flows.registry.tracking import mlflow_client
+from flows.registry.tracking import filter_literal, mlflow_client
+from flows.masking import mask_uri
 
 
 def _version_of(client, name: str, ref: str) -> str:
@@ -21,8 +23,12 @@ def _version_of(client, name: str, ref: str) -> str:
 
     if ref.isdigit():
         return ref
-    if ref.lower() == "latest":
-        versions = client.search_model_versions(f"name='{name}'")
+    if ref.lower() == "latest" and (literal := filter_literal(name)) is not None:
+        versions = client.search_model_versions(f"name = {literal}")
+    elif ref.lower() == "latest":  # a name the filter grammar cannot quote: the newest of each stage's newest
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # stages are deprecated; here they cover every version
+            versions = client.get_latest_versions(name)
     else:  # stages are deprecated in MLflow 3, but old URIs may still name one
         versions = client.get_latest_versions(name, stages=[ref])
     if not versions:
@@ -59,6 +65,18 @@ def download_model(tracking_uri: str, model_uri: str, dst: str | Path, subpath: 
                                                     tracking_uri=tracking_uri, registry_uri=tracking_uri))
 
 
+def pack_is_complete(tracking_uri: str, model_uri: str) -> bool:
+    """Whether the artifact store still lists every file of the model's pack (a missing store or
+    version raises: that is not the same as deleted artifacts)."""
+    import mlflow.artifacts
+
+    from flows.modelpack import CONFIG, TOKENIZER, WEIGHTS
+
+    location = f"{resolve_model_uri(mlflow_client(tracking_uri), model_uri).rstrip('/')}/artifacts/{PACK}"
+    listed = mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
+    return {WEIGHTS, CONFIG, TOKENIZER} <= {Path(f.path).name for f in listed or []}
+
+
 def download_model_pack(tracking_uri: str, model_uri: str, dst: str | Path, device: str = "cpu"):
     """(model, tokenizer) of a registered model, read from its pyfunc's model_pack artifact only."""
     from flows.modelpack import load_model_pack
@@ -84,6 +102,6 @@ def generate(model_uri: str, prompt: str, *, tracking_uri: str, max_new_tokens: 
             model = mlflow.pyfunc.load_model(str(download_model(tracking_uri, model_uri, tmp)))
         except MlflowException as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"--model-uri: cannot load {model_uri} from {tracking_uri}: {reason}") from None
+            raise UserError(mask_uri(f"--model-uri: cannot load {model_uri} from {tracking_uri}: {reason}")) from None
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
         return model.predict([prompt], params=params)[0]

@@ -2,18 +2,21 @@
 
 The summary puts the evaluation's numbers, the champion comparison and the decision on one page,
 with a link to the run in the MLflow UI and the run's lineage (data fingerprint, Ray Train run,
-checkpoint) as the register task knows it.
+checkpoint) as the register task knows it. Both are published, so a URI's credentials are masked.
 """
 
 from __future__ import annotations
 
 from flows.evaluate import EvalResult
 from flows.registry.gate import Registration
+from flows.masking import mask_uri
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI: the tracking server's, else the `mlflow ui` the CLI suggests."""
-    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    """The run's page in the MLflow UI: the tracking server's, else the `mlflow ui` the CLI suggests
+    (credentials in the tracking URI masked: the URL is published)."""
+    local = not tracking_uri.startswith(("http://", "https://"))
+    base = "http://127.0.0.1:5000" if local else mask_uri(tracking_uri).rstrip("/")
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -36,4 +39,4 @@ def summary_markdown(reg: Registration, result: EvalResult, *, url: str, lineage
               f"{'now this version' if reg.champion else f'still v{reg.champion_version}'}.", "",
               "## MLflow", "", f"- run: [{reg.run_id}]({url})", f"- model: `{reg.model_uri}`"]
     lines += [f"- {k}: `{v}`" for k, v in lineage.items()]
-    return "\n".join(lines) + "\n"
+    return mask_uri("\n".join(lines)) + "\n"  # lineage may hold URIs (storage paths, data sources)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flows.config import PipelineConfig
 from flows.evaluate import EvalResult
+from flows.masking import mask_values
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 SAMPLES_TABLE = "samples.json"
@@ -27,6 +28,36 @@ def mlflow_client(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def filter_literal(value: str, *, double_quotes: bool = True) -> str | None:
+    """value as a string literal of MLflow's search-filter grammar, or None when it cannot be one.
+
+    The grammar has no escapes: a value is read verbatim from between single quotes, or double quotes
+    (runs and model versions; logged-model search strips single quotes only), and the SQL lexer under it
+    treats a backslash as an escape. So a value holding a backslash, a control character or every quote
+    its grammar allows cannot be written; callers then search by a safe key and filter in Python.
+    """
+    if "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return None
+    if "'" not in value:
+        return f"'{value}'"
+    if double_quotes and '"' not in value:
+        return f'"{value}"'
+    return None
+
+
+def quoted(value: str, *, double_quotes: bool = True) -> str:
+    """filter_literal of a value that is always expressible (an id MLflow or Prefect made); else a bug."""
+    literal = filter_literal(value, double_quotes=double_quotes)
+    if literal is None:
+        raise ValueError(f"{value!r} cannot be written in an MLflow search filter")
+    return literal
+
+
+def does_not_exist(err: Exception) -> bool:
+    """Whether an MLflow error says the thing asked for does not exist (any other error is real)."""
+    return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -80,7 +111,7 @@ def _local_artifact_location(tracking_uri: str) -> str | None:
 
 
 def _find_run(client, experiment_id: str, flow_run_id: str) -> str | None:
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = {quoted(flow_run_id)}",
                                max_results=1)
     return found[0].info.run_id if found else None
 
@@ -97,14 +128,17 @@ def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
         try:
             exp_id = client.create_experiment(cfg.registry.experiment,
                                               artifact_location=_local_artifact_location(tracking_uri))
-        except MlflowException:  # created concurrently
-            exp_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id  # created concurrently
     else:
         exp_id = exp.experiment_id
     if (run_id := _find_run(client, exp_id, flow_run_id)) is not None:
         return run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={FLOW_RUN_TAG: flow_run_id, **(tags or {})})
-    params = [Param(k, v[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+    run = client.create_run(exp_id, run_name=run_name, tags={FLOW_RUN_TAG: flow_run_id, **mask_values(tags or {})})
+    # Params are shown to anyone who can read the experiment: a URI's credentials are masked.
+    params = [Param(k, v[:6000]) for k, v in mask_values(flatten(cfg.model_dump(mode="json"))).items()]
     for i in range(0, len(params), 100):  # log_batch takes at most 100 params
         client.log_batch(run.info.run_id, params=params[i: i + 100])
     return run.info.run_id
@@ -125,7 +159,7 @@ def close_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
 def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
-    mlflow_client(tracking_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    mlflow_client(tracking_uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in mask_values(tags).items()])
 
 
 # --------------------------------------------------------------------------------------- evaluation

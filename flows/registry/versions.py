@@ -1,7 +1,8 @@
 """A run's model version: the pyfunc logged as the run's `model`, then registered, each exactly once.
 
 A retried registration finds the version by its run id and the logged model by its source run, so it
-never creates a second of either. The model is logged through `MlflowClient` calls only (create the
+never creates a second of either (searched by those ids, never by a name MLflow's filter grammar may not
+be able to quote: a name is compared in Python). The model is logged through `MlflowClient` calls only (create the
 logged model, save the pyfunc to a temporary directory, upload it, finalize it) and registered with
 its artifact location as the version's source: MLflow's `log_model` needs the process-wide tracking
 URI and an active run, and a `models:/<id>` source would make a local registry look the model up
@@ -15,13 +16,18 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from flows.config import PipelineConfig
 from flows.data import PreparedData
 from flows.evaluate import EvalResult
-from flows.registry.tracking import mlflow_client
+from flows.registry.tracking import does_not_exist, mlflow_client, quoted
 
 MODEL = "model"  # the logged model's name in its run
+# What registration has just done, in order; `on_step(point)` is called right after each one that was
+# really done (not found done by an earlier attempt), so a test can fail there and count.
+MODEL_LOGGED, VERSION_CREATED = "model logged", "version created"
+OnStep = Callable[[str], None]
 TOKENIZER_DIGEST = "tokenizer.sha256"
 EVAL_BPB = "eval.bits_per_byte"
 
@@ -32,25 +38,24 @@ def tokenizer_digest(data: PreparedData) -> str:
 
 def existing_version(client, name: str, run_id: str):
     """The version an earlier attempt registered from this run, if any."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    except MlflowException:  # the registered model does not exist yet
-        return None
+    versions = [v for v in client.search_model_versions(f"run_id = {quoted(run_id)}") if v.name == name]
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def _logged_model(client, run_id: str):
     """The model an earlier attempt logged to this run and finished uploading, if any."""
     from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
 
     run = client.get_run(run_id)
     try:
         found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                            filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL}'")
-    except Exception:  # noqa: BLE001 - an old server without logged-model search: log again
-        return None
+                                            filter_string=f"source_run_id = {quoted(run_id, double_quotes=False)} "
+                                                          f"AND name = {quoted(MODEL, double_quotes=False)}")
+    except MlflowException as err:
+        if err.error_code not in ("ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED"):
+            raise
+        return None  # an old server without logged-model search: log again
     ready = [m for m in found if m.status == LoggedModelStatus.READY]
     return ready[0] if ready else None
 
@@ -96,23 +101,30 @@ def ensure_registered_model(client, name: str) -> None:
 
     try:
         client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name, description="Self-attention transformer language model "
-                                           "trained by attention-pipeline; alias champion is what ships.")
-        except MlflowException:
-            pass  # created concurrently
+        return
+    except MlflowException as err:
+        if not does_not_exist(err):
+            raise
+    try:
+        client.create_registered_model(name, description="Self-attention transformer language model "
+                                       "trained by attention-pipeline; alias champion is what ships.")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise  # else created concurrently
 
 
 def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, checkpoint_path: str,
-                      data: PreparedData, result: EvalResult):
+                      data: PreparedData, result: EvalResult, on_step: OnStep | None = None):
     """The model version of this run: logged as a pyfunc and registered the first time only."""
+    on_step = on_step or (lambda point: None)
     from flows.modelpack import export_model_pack
 
     client = mlflow_client(tracking_uri)
     name = cfg.registry.model_name
     version = existing_version(client, name, run_id)
     if version is not None:
+        if getattr(version, "model_id", None):
+            _link_version(client, version.model_id, version)  # an attempt that failed right after creating it
         return version
     tags = {"data.fingerprint": data.fingerprint, "data.tokenizer": data.tokenizer,
             TOKENIZER_DIGEST: tokenizer_digest(data), EVAL_BPB: str(result.bits_per_byte),
@@ -124,10 +136,12 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
         with tempfile.TemporaryDirectory() as tmp:
             pack = export_model_pack(checkpoint_path, data.path, Path(tmp) / "model_pack")
             model = log_pyfunc(client, run_id, pack, example)
+        on_step(MODEL_LOGGED)
     ensure_registered_model(client, name)
     version = client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags,
                                           model_id=model.model_id)
     _link_version(client, model.model_id, version)
+    on_step(VERSION_CREATED)
     return version
 
 
