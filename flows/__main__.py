@@ -67,21 +67,27 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
-def _load_config(args):
-    """The config of --config/--config-json and --set, with the environment filled in (the edge)."""
+def _load_config(args, *, environment: bool = True):
+    """The config of --config/--config-json and --set, with the environment filled in (the edge)
+    unless `environment` is False."""
     from flows.config import load_config, with_environment
 
-    return with_environment(load_config(args.config, args.overrides, json_text=args.config_json))
+    cfg = load_config(args.config, args.overrides, json_text=args.config_json)
+    return with_environment(cfg) if environment else cfg
 
 
 def cmd_run(args) -> int:
+    from flows.config import with_environment
     from flows.data import check_source
 
-    cfg = _load_config(args)
+    given = _load_config(args, environment=False)
+    cfg = with_environment(given)
     check_source(cfg.data.source)  # fail fast on a missing path, before any service starts
     from flows.pipeline import training_pipeline_flow
 
-    reg = training_pipeline_flow(config=cfg)
+    # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI) stays as
+    # given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes a flow parameter.
+    reg = training_pipeline_flow(config=given)
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
     print(f"  also as models:/{reg.model_name}@challenger")
     print(mlflow_ui_line(cfg.tracking_uri()))

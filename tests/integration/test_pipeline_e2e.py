@@ -52,8 +52,17 @@ def test_failed_flow_marks_its_mlflow_run_failed(tmp_path: Path, prefect_harness
 
     # a prompt with a character the char vocabulary of the corpus lacks: evaluation fails (not retried)
     cfg = load_config(overrides=[f"workdir={tmp_path}", *TINY, "train.num_workers=1", "eval.prompts=['\u2603 snow']"])
+    state = training_pipeline_flow(config=cfg, return_state=True)
     with pytest.raises(UserError):
-        training_pipeline_flow(config=cfg)
+        state.result()
+    # a user error is never retried: the evaluate task ran once although it allows retries
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    [evaluate] = [r for r in runs if r.task_key.startswith("evaluate_model") or r.name.startswith("evaluate_model")]
+    assert evaluate.state.is_failed() and evaluate.run_count == 1
 
     client = MlflowClient(cfg.tracking_uri())
     [run] = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
