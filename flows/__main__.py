@@ -76,9 +76,11 @@ def _load_config(args):
 
 def cmd_run(args) -> int:
     from flows.data import check_source
+    from flows.preflight import check_before_run
 
     cfg = _load_config(args)
     check_source(cfg.data.source)  # fail fast on a missing path, before any service starts
+    check_before_run(cfg)  # workers the local Ray can place, memory per worker
     from flows.pipeline import training_pipeline_flow
 
     reg = training_pipeline_flow(config=cfg)
