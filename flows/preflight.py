@@ -125,13 +125,33 @@ def machine_memory() -> int:
     return total
 
 
-def local_gpus() -> list[int]:
-    """Total memory in bytes of each GPU this process can see (none without CUDA)."""
-    import torch
+def local_gpus(environ: dict[str, str] | None = None) -> list[int]:
+    """Total memory in bytes of each GPU a local Ray would use: nvidia-smi's list, narrowed by
+    CUDA_VISIBLE_DEVICES (indices) as Ray narrows it. nvidia-smi, unlike torch, leaves CUDA
+    uninitialised in this process, which later forks (data prep) and must not inherit it."""
+    import shutil
+    import subprocess
 
-    if not torch.cuda.is_available():
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
         return []
-    return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return visible_gpus(out, (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES"))
+
+
+def visible_gpus(smi_output: str, visible: str | None) -> list[int]:
+    """Bytes per GPU from nvidia-smi's MiB column, only those CUDA_VISIBLE_DEVICES names by index."""
+    gpus = [int(line.strip()) * 1024**2 for line in smi_output.splitlines() if line.strip().isdigit()]
+    if visible is None:
+        return gpus
+    picked = [v.strip() for v in visible.split(",") if v.strip()]
+    if not all(v.isdigit() for v in picked):
+        return gpus if picked else []  # UUIDs: trust the count; "" hides every GPU
+    return [gpus[int(v)] for v in picked if int(v) < len(gpus)]
 
 
 @dataclass(frozen=True)
