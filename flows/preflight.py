@@ -1,8 +1,9 @@
 """Checks that need the environment, run before any server, Ray or training starts (`check_before_run`).
 
 The config's own validators catch what the config alone can tell (flows/config.py); this module adds
-what needs the machine: whether the local Ray can place the workers at all (CPUs, GPUs) and whether one
-worker's training state fits the memory it will have. The memory estimate is closed-form, from
+what needs the machine: whether the local Ray can place the workers at all (CPUs, GPUs), whether one
+worker's training state fits the memory it will have, and whether the KV cache of the evaluation's
+samples (eval.max_new_tokens) fits this machine. The memory estimate is closed-form, from
 ModelConfig alone (no model is built, nothing is allocated): fp32 parameters, their gradients and
 AdamW's two moments (16 bytes a parameter, sharded over the workers by FSDP), plus the activations kept
 for the backward pass at train.batch_size x model.block_size (see `activation_bytes`). It is compared
@@ -200,6 +201,24 @@ def check_memory(cfg: PipelineConfig, budget: WorkerBudget | None = None) -> Mem
         f"({budget.where}): lower {lower}")
 
 
+def check_generation(cfg: PipelineConfig, ram: int | None = None) -> int:
+    """Refuse eval.max_new_tokens whose KV cache cannot fit this machine (evaluation samples here, on
+    the CPU or one GPU). With learned positions the cache holds block_size positions at most; RoPE
+    keeps every one. Returns the cache's bytes (fp32, one prompt at a time)."""
+    m, ev = cfg.model, cfg.eval
+    positions = max((len(p.encode()) for p in ev.prompts), default=1) + ev.max_new_tokens
+    if m.pos == "learned":
+        positions = min(positions, m.block_size)
+    kept = "model.pos=rope keeps every position" if m.pos == "rope" else f"model.block_size={m.block_size} positions"
+    cache = 2 * m.n_layer * m.kv_heads * m.head_dim * positions * 4
+    limit = machine_memory() if ram is None else ram
+    if cache > limit:
+        raise UserError(f"eval.max_new_tokens: {ev.max_new_tokens} tokens per sample need a KV cache of about "
+                        f"{_size(cache)} ({kept}) but this machine has "
+                        f"{_size(limit)}: lower eval.max_new_tokens")
+    return cache
+
+
 def check_resources(cfg: PipelineConfig, *, cpus: int | None = None, gpus: int | None = None) -> None:
     """With a local Ray, refuse workers it could never place (Ray would wait for them forever)."""
     tc = cfg.train
@@ -224,7 +243,9 @@ def check_before_run(cfg: PipelineConfig) -> MemoryEstimate:
     """Everything the environment can tell before a run starts: the CLI's `run` and the flow's entry
     call it after loading the config (and filling in the environment). Raises UserError."""
     check_resources(cfg)
-    return check_memory(cfg)
+    estimate = check_memory(cfg)
+    check_generation(cfg)
+    return estimate
 
 
 def _size(n: float) -> str:

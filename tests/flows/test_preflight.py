@@ -181,3 +181,16 @@ def test_visible_gpus_follow_cuda_visible_devices(visible, expected):
     from flows.preflight import visible_gpus
 
     assert visible_gpus("81920\n40960\n", visible) == [g * GiB for g in expected]
+
+
+@pytest.mark.parametrize("pos, refused", [("rope", True), ("learned", False)])
+def test_generation_kv_cache_must_fit(pos, refused):
+    from flows.preflight import check_generation
+
+    cfg = load_config(overrides=[f"model.pos={pos}", "eval.max_new_tokens=1000000000"])
+    if refused:
+        with pytest.raises(UserError, match=r"^eval\.max_new_tokens: 1000000000 tokens per sample need a KV cache "
+                                            r"of about 3\.73 TiB .* but this machine has 16 GiB"):
+            check_generation(cfg, ram=16 * GiB)
+    else:  # learned positions: the cache slides over block_size positions
+        assert check_generation(cfg, ram=16 * GiB) == 2 * 4 * 128 * 128 * 4
