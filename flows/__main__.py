@@ -80,7 +80,7 @@ def cmd_run(args) -> int:
 
     cfg = _load_config(args)
     check_source(cfg.data.source)  # fail fast on a missing path, before any service starts
-    check_before_run(cfg)  # workers the local Ray can place, memory per worker
+    check_before_run(cfg)  # workers the local Ray can place, memory per worker, the samples' KV cache
     from flows.pipeline import training_pipeline_flow
 
     reg = training_pipeline_flow(config=cfg)

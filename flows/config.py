@@ -129,7 +129,7 @@ class EvalSection(_Section):
 # registration: mlflow.utils.validation's _validate_model_name (not blank, no '/' or ':', not a path
 # that normalises to another name) and _validate_experiment_name (not empty), the registry file
 # store's ban on '%', and the 256 characters of the databases' name columns (PostgreSQL enforces them;
-# MLflow's own check allows 500 for experiments). tests/flows/test_config.py holds the mirror to MLflow.
+# MLflow's own check allows 500 for experiments). tests/flows/test_config_rules.py holds the mirror to MLflow.
 MLFLOW_NAME_MAX = 256
 
 

@@ -202,7 +202,7 @@ def training_pipeline_flow(config: PipelineConfig = PipelineConfig(),
                            fault: FaultInjection | None = None) -> Registration:
     """Prepare data, train on Ray, evaluate, and register the model in MLflow (`fault`: recovery tests only)."""
     config = with_environment(config)  # the flow's entry: MLFLOW_TRACKING_URI, RAY_ADDRESS where it runs
-    check_before_run(config)  # served and deployed runs too: workers Ray can place, memory per worker
+    check_before_run(config)  # served and deployed runs too (flows/preflight.py)
     data = _prepare_dataset_cached(config)
     trained = train_model_task(config, data, fault)
     result = evaluate_model_task(config, data, trained)

@@ -9,8 +9,8 @@ AdamW's two moments (16 bytes a parameter, sharded over the workers by FSDP), pl
 for the backward pass at train.batch_size x model.block_size (see `activation_bytes`). It is compared
 with the memory of this machine (one GPU each when train.use_gpu; else RAM, or the container's limit,
 shared by the local workers); with train.ray_address set, each node is taken to have this machine's
-memory, which holds on a cluster's head, where `flows submit` runs the pipeline. The estimate is a lower
-bound (no allocator slack, no DDP buckets, no CUDA context), so only a run that cannot fit is refused.
+memory, which holds on a cluster's head, where `flows submit` runs the pipeline. The estimate leaves out
+allocator slack, DDP's buckets and the CUDA context, so it errs low: only a run that cannot fit is refused.
 Every failure is a UserError: one line naming the keys to change, exit code 2, never retried.
 """
 
