@@ -79,10 +79,12 @@ def _load_config(args, *, environment: bool = True):
 def cmd_run(args) -> int:
     from flows.config import with_environment
     from flows.data import check_source
+    from flows.preflight import check_before_run
 
     given = _load_config(args, environment=False)
     cfg = with_environment(given)
     check_source(cfg.data.source)  # fail fast on a missing path, before any service starts
+    check_before_run(cfg)  # workers the local Ray can place, memory per worker, the samples' KV cache
     from flows.pipeline import training_pipeline_flow
 
     # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI) stays as

@@ -100,6 +100,9 @@ class TrainSection(_Section):
     storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints; default <workdir>/ray_results.")
     run_name: str | None = Field(None, description="Ray Train run name; default derived from the flow run so retries resume.")
 
+    # Not rejected, on purpose: an interval longer than max_steps (the last step always logs, evaluates
+    # and checkpoints) and warmup_steps >= max_steps (a short run that stays in warmup: `--set
+    # train.max_steps=10` with the default warmup is a normal smoke test).
     @model_validator(mode="after")
     def _check_lr(self) -> "TrainSection":
         if self.min_lr > self.lr:
@@ -122,6 +125,38 @@ class EvalSection(_Section):
     )
 
 
+# MLflow 3.17's rules for names, mirrored so that a bad name fails before training rather than at
+# registration: mlflow.utils.validation's _validate_model_name (not blank, no '/' or ':', not a path
+# that normalises to another name) and _validate_experiment_name (not empty), the registry file
+# store's ban on '%', and the 256 characters of the databases' name columns (PostgreSQL enforces them;
+# MLflow's own check allows 500 for experiments). tests/flows/test_config_rules.py holds the mirror to MLflow.
+MLFLOW_NAME_MAX = 256
+
+
+def mlflow_model_name_problem(name: str) -> str | None:
+    """Why MLflow would refuse `name` as a registered model name, or None."""
+    if not name.strip():
+        return "must not be empty"
+    if "/" in name or ":" in name:
+        return "MLflow forbids '/' and ':' in a registered model name"
+    if "%" in name:
+        return "MLflow's file store forbids '%' in a registered model name"
+    if name == "." or name.startswith(".."):
+        return "MLflow refuses a name that reads as a relative path ('.', or starting with '..')"
+    if len(name) > MLFLOW_NAME_MAX:
+        return f"{len(name)} characters, more than the {MLFLOW_NAME_MAX} MLflow's database holds"
+    return None
+
+
+def mlflow_experiment_name_problem(name: str) -> str | None:
+    """Why MLflow would refuse `name` as an experiment name, or None (blank counts as empty here)."""
+    if not name.strip():
+        return "must not be empty"
+    if len(name) > MLFLOW_NAME_MAX:
+        return f"{len(name)} characters, more than the {MLFLOW_NAME_MAX} MLflow's database holds"
+    return None
+
+
 class RegistrySection(_Section):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; unset: MLFLOW_TRACKING_URI (read by the CLI and the flow), "
@@ -132,6 +167,14 @@ class RegistrySection(_Section):
     min_improvement: float = Field(
         0.0, ge=0, description="Bits per byte a challenger must gain over the champion to be promoted."
     )
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "RegistrySection":
+        for key, problem in (("model_name", mlflow_model_name_problem(self.model_name)),
+                             ("experiment", mlflow_experiment_name_problem(self.experiment))):
+            if problem:
+                raise ValueError(f"registry.{key}: {getattr(self, key)!r}: {problem}")
+        return self
 
 
 class PipelineConfig(_Section):

@@ -26,6 +26,7 @@ from flows.data import PreparedData, Source, parse_source
 from flows.data.cache import DataFingerprintCache, prepare_options, source_for_run
 from flows.errors import is_user_error
 from flows.evaluate import EvalResult
+from flows.preflight import check_before_run
 from flows.registry import Registration
 from flows.masking import mask_uri
 from flows.train import FaultInjection, TrainResult, local_checkpoint
@@ -205,6 +206,7 @@ def training_pipeline_flow(config: PipelineConfig = PipelineConfig(),
                            fault: FaultInjection | None = None) -> Registration:
     """Prepare data, train on Ray, evaluate, and register the model in MLflow (`fault`: recovery tests only)."""
     config = with_environment(config)  # the flow's entry: MLFLOW_TRACKING_URI, RAY_ADDRESS where it runs
+    check_before_run(config)  # served and deployed runs too (flows/preflight.py)
     data = _prepare_dataset_cached(config)
     trained = train_model_task(config, data, fault)
     result = evaluate_model_task(config, data, trained)
