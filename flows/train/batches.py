@@ -20,7 +20,8 @@ def sample_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: 
     takes the r-th slice. No state is shared or carried, so resumes replay batches exactly.
     """
     rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, len(tokens) - block_size - 1, size=world_size * batch_size)
+    # a window needs block_size + 1 tokens (inputs and next-token targets): the last start is n - block_size - 1
+    starts = rng.integers(0, len(tokens) - block_size, size=world_size * batch_size)
     starts = starts[rank * batch_size: (rank + 1) * batch_size]
     x = np.stack([tokens[s: s + block_size] for s in starts]).astype(np.int64)  # (B, T)
     y = np.stack([tokens[s + 1: s + 1 + block_size] for s in starts]).astype(np.int64)  # (B, T)

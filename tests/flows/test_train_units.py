@@ -86,3 +86,10 @@ def test_local_checkpoint_reads_a_checkpoint_from_a_uri_storage(tmp_path):
                          metrics={})
     with local_checkpoint(result) as d:
         assert (Path(d) / "state.json").read_text() == '{"step": 4}'
+
+
+def test_a_split_of_exactly_one_window_samples_it():
+    # prep accepts a split of block_size + 1 tokens; the sampler must too (it drew from an empty range)
+    tokens = np.arange(17, dtype=np.uint16)
+    x, y = sample_batch(tokens, batch_size=3, block_size=16, seed=0, step=0)
+    assert x.tolist() == [list(range(16))] * 3 and y.tolist() == [list(range(1, 17))] * 3
