@@ -2,12 +2,15 @@
 
 This is the edge: the environment (MLFLOW_TRACKING_URI, RAY_ADDRESS, RAY_API_SERVER_ADDRESS) is read
 here, once, into the config or the call; nothing deeper reads it. Errors a user can cause print one
-line on stderr and exit with code 2; `--debug` shows the traceback.
+line on stderr and exit with code 2; `--debug` shows the traceback. `run` keeps the libraries' own
+output off the console (flows/console.py): it goes to a log file under the workdir, and `--debug`
+shows it all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -75,12 +78,14 @@ def _load_config(args):
 
 
 def cmd_run(args) -> int:
+    from flows.console import log_to
     from flows.data import check_source
 
     cfg = _load_config(args)
     check_source(cfg.data.source)  # fail fast on a missing path, before any service starts
     from flows.pipeline import training_pipeline_flow
 
+    log_to(cfg.workdir_path)  # says where the libraries' output goes (inside a quiet run)
     reg = training_pipeline_flow(config=cfg)
     uri = cfg.tracking_uri()
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
@@ -143,17 +148,23 @@ def _hide_user_error_tracebacks() -> None:
         logging.getLogger(name).addFilter(_NoUserErrorTracebacks())
 
 
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "generate": cmd_generate, "serve": cmd_serve}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.console import quiet_console
     from flows.errors import is_user_error
 
-    if not args.debug:
+    quiet = args.command == "run" and not args.debug
+    if not args.debug and not quiet:
         _hide_user_error_tracebacks()
     try:
-        return {"run": cmd_run, "submit": cmd_submit, "generate": cmd_generate,
-                "serve": cmd_serve}[args.command](args)
+        # A quiet run ends (streams and logging restored) before an error is shown below.
+        with quiet_console() if quiet else contextlib.nullcontext():
+            return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the CLI decides how errors look
         if args.debug or not is_user_error(exc):
             raise
