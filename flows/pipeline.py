@@ -95,7 +95,7 @@ def prepare_dataset_task(cfg: PipelineConfig, source: Source | None = None) -> P
     """Tokenize the corpus into train/val token arrays (reused when the fingerprint matches)."""
     from flows.data import prepare_dataset
 
-    print(f"prepare_dataset: {source.label if source else cfg.data.source}, {cfg.data.tokenizer} tokenizer")
+    print(f"prepare_dataset: {cfg.data.source}, {cfg.data.tokenizer} tokenizer")
     return prepare_dataset(cfg, source)
 
 
@@ -114,7 +114,7 @@ def train_model_task(cfg: PipelineConfig, data: PreparedData, fault: FaultInject
 
     uri, run_id = _mlflow_run(cfg)
     run_name = cfg.train.run_name or f"train-{_flow_run_id()}"
-    print(f"train_model: {cfg.train.max_steps} steps on {cfg.train.num_workers} Ray worker(s), run {run_name}")
+    print(f"train_model: {cfg.train.max_steps} step(s) on {cfg.train.num_workers} Ray worker(s), run {run_name}")
     started = ensure_ray(cfg)
     try:
         return train_model(cfg, data, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id,
