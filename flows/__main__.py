@@ -25,11 +25,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and all the libraries' output")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline once (prepare, train, evaluate, register)")
     _add_config_args(run)
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show tracebacks and all the libraries' output (else in workdir/logs/)")
     submit = sub.add_parser("submit", help="submit `run` with this config as a Ray Job to a cluster")
     submit.add_argument("--address", help="Ray dashboard (Jobs API) of the cluster, e.g. http://HEAD:8265 "
                         "(default: $RAY_API_SERVER_ADDRESS)")

@@ -8,8 +8,9 @@ file under the workdir, named on the console when the run starts (`logs: <workdi
 (environment variables they read), takes Prefect's console handler off the root logger, and puts a
 line filter on sys.stdout and sys.stderr, the streams the libraries write to. "Ours" is a log record
 emitted from the flows package (a task's print() arrives as one, through Prefect's log_prints), a
-Prefect task run finishing, or a line a Ray Train worker writes to its stdout (the progress lines);
-the rest is logged only. `--debug` does not use it: every library keeps its console.
+stage skipped because its result is cached, a line a Ray Train worker writes to its stdout (the
+progress lines), or a plain line on stdout (the CLI's result); the rest is logged only. `--debug`
+does not use it: every library keeps its console.
 """
 
 from __future__ import annotations
