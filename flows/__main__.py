@@ -2,12 +2,15 @@
 
 This is the edge: the environment (MLFLOW_TRACKING_URI, RAY_ADDRESS, RAY_API_SERVER_ADDRESS) is read
 here, once, into the config or the call; nothing deeper reads it. Errors a user can cause print one
-line on stderr and exit with code 2; `--debug` shows the traceback.
+line on stderr and exit with code 2; `--debug` shows the traceback. `run` keeps the libraries' own
+output off the console (flows/console.py): it goes to a log file under the workdir, and `--debug`
+shows it all.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -22,11 +25,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and all the libraries' output")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline once (prepare, train, evaluate, register)")
     _add_config_args(run)
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show tracebacks and all the libraries' output (else in workdir/logs/)")
     submit = sub.add_parser("submit", help="submit `run` with this config as a Ray Job to a cluster")
     submit.add_argument("--address", help="Ray dashboard (Jobs API) of the cluster, e.g. http://HEAD:8265 "
                         "(default: $RAY_API_SERVER_ADDRESS)")
@@ -78,6 +82,7 @@ def _load_config(args, *, environment: bool = True):
 
 def cmd_run(args) -> int:
     from flows.config import with_environment
+    from flows.console import log_to, quiet_console
     from flows.data import check_source
     from flows.preflight import check_before_run
 
@@ -87,9 +92,13 @@ def cmd_run(args) -> int:
     check_before_run(cfg)  # workers the local Ray can place, memory per worker, the samples' KV cache
     from flows.pipeline import training_pipeline_flow
 
-    # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI) stays as
-    # given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes a flow parameter.
-    reg = training_pipeline_flow(config=given)
+    # Checked above before Prefect is even imported; only now does the run's console go quiet (the
+    # libraries' output to <workdir>/logs) unless --debug.
+    with contextlib.nullcontext() if args.debug else quiet_console():
+        log_to(cfg.workdir_path)  # says where the libraries' output goes (inside a quiet run)
+        # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI) stays
+        # as given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes a parameter.
+        reg = training_pipeline_flow(config=given)
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
     print(f"  also as models:/{reg.model_name}@challenger")
     print(mlflow_ui_line(cfg.tracking_uri()))
@@ -160,6 +169,9 @@ def _hide_user_error_tracebacks() -> None:
         logging.getLogger(name).addFilter(_NoUserErrorTracebacks())
 
 
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "generate": cmd_generate, "serve": cmd_serve}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -169,11 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.errors import is_user_error
 
-    if not args.debug:
+    if not args.debug and args.command != "run":  # `run` quiets its console itself (cmd_run)
         _hide_user_error_tracebacks()
     try:
-        return {"run": cmd_run, "submit": cmd_submit, "generate": cmd_generate,
-                "serve": cmd_serve}[args.command](args)
+        return COMMANDS[args.command](args)  # a quiet run has restored its streams before an error shows
     except Exception as exc:  # noqa: BLE001 - the CLI decides how errors look
         if args.debug or not is_user_error(exc):
             raise

@@ -98,6 +98,7 @@ def prepare_dataset_task(cfg: PipelineConfig, source: Source | None = None) -> P
     """Tokenize the corpus into train/val token arrays (reused when the fingerprint matches)."""
     from flows.data import prepare_dataset
 
+    print(f"prepare_dataset: {cfg.data.source}, {cfg.data.tokenizer} tokenizer")
     return prepare_dataset(cfg, source)
 
 
@@ -116,6 +117,7 @@ def train_model_task(cfg: PipelineConfig, data: PreparedData, fault: FaultInject
 
     uri, run_id = _mlflow_run(cfg)
     run_name = cfg.train.run_name or f"train-{_flow_run_id()}"
+    print(f"train_model: {cfg.train.max_steps} step(s) on {cfg.train.num_workers} Ray worker(s), run {run_name}")
     started = ensure_ray(cfg)
     try:
         return train_model(cfg, data, run_name=run_name, tracking_uri=uri, mlflow_run_id=run_id,
@@ -131,11 +133,13 @@ def evaluate_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     from flows.evaluate import evaluate_checkpoint
     from flows.registry import log_evaluation, set_run_tags
 
+    print("evaluate_model: validation loss, bits per byte, samples")
     uri, run_id = _mlflow_run(cfg)
     set_run_tags(uri, run_id, _lineage(data, trained))
     with local_checkpoint(trained) as checkpoint:  # downloaded when storage_path is an object store
         result, attention = evaluate_checkpoint(checkpoint, data, cfg)
     log_evaluation(uri, run_id, result, figures={"attention_heatmaps.png": attention})
+    print(f"evaluate_model: val loss {result.val_loss:.4f}, bits per byte {result.bits_per_byte:.4f}")
     return result
 
 
@@ -172,6 +176,7 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     (`on_step(point)` after each registration step: fault tests only)."""
     from flows.registry import champion_gate, log_model_version
 
+    print(f"register_model: {cfg.registry.model_name}, champion gate")
     uri, run_id = _mlflow_run(cfg)
     with local_checkpoint(trained) as checkpoint:
         version = log_model_version(cfg, uri, run_id, checkpoint_path=checkpoint, data=data, result=result,
@@ -179,6 +184,7 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     with _champion_lock(cfg.registry.model_name):
         reg = champion_gate(cfg, uri, version, data=data, result=result, on_step=on_step)
     _publish_summary(reg, result, uri, _lineage(data, trained))
+    print(f"register_model: version {reg.version}, {reg.decision}")
     return reg
 
 

@@ -50,17 +50,66 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args, needle):
     assert not (tmp_path / "data").exists()
 
 
+# What the libraries underneath say: on the console only under --debug (the log file keeps it).
+LIBRARY_CHATTER = ["temporary server", "Beginning flow run", "Finished in state", "Task run", "Flow run",
+                   "PlacementGroupCleaner", "PreemptionWatcher", "Running upgrade", "alembic",
+                   "Downloading artifacts", "Started a local Ray instance", "pid="]
+
+
+def chatter(text: str) -> list[str]:
+    return [line for line in text.splitlines() if any(c in line for c in LIBRARY_CHATTER)]
+
+
 @pytest.mark.integration
 def test_corpus_too_small_for_block_size(tmp_path: Path):
+    """A user error found inside the flow: the error line and at most two others, as up front."""
     corpus = tmp_path / "tiny.txt"
     corpus.write_text("to be or not to be\n")
     proc = run_cli("run", "--set", f"workdir={tmp_path / 'wd'}", "--set", f"data.source={corpus}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = error_lines(proc)
     assert len(lines) == 1 and "model.block_size" in lines[0]
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == lines, proc.stderr
+    assert len(proc.stdout.splitlines()) <= 2, proc.stdout  # "logs: ..." and the stage that failed
+    assert "Traceback" not in proc.stdout + proc.stderr and not chatter(proc.stdout + proc.stderr)
     data_dir = tmp_path / "wd" / "data"
     assert not data_dir.exists() or not [p for p in data_dir.iterdir() if not p.name.startswith(".")]
+    (log,) = (tmp_path / "wd" / "logs").glob("run-*.log")  # what the console left out is kept
+    assert "temporary server" in log.read_text() and "model.block_size" in log.read_text()
+
+
+@pytest.mark.integration
+def test_debug_shows_what_the_libraries_say(tmp_path: Path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("to be or not to be\n")
+    proc = run_cli("--debug", "run", "--set", f"workdir={tmp_path / 'wd'}", "--set", f"data.source={corpus}",
+                   cwd=tmp_path)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "Traceback" in out and "model.block_size" in out
+    assert "temporary server" in out and "Finished in state Failed" in out
+
+
+@pytest.mark.integration
+def test_a_run_shows_its_stages_progress_and_result_only(tmp_path: Path):
+    corpus = tmp_path / "corpus.txt"
+    # Python-like text: the default evaluation prompts ("def ", "class Request:", "import ") in its alphabet
+    corpus.write_text("".join(f"def f{i}(x):\n    import os\n    return x\n\nclass Request:\n    pass\n"
+                              for i in range(100)))
+    tiny = [f"--set={kv}" for kv in ("train.max_steps=1", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+                                      "model.block_size=16", "eval.max_new_tokens=4")]
+    proc = run_cli("run", "--set", f"workdir={tmp_path / 'wd'}", "--set", f"data.source={corpus}", *tiny,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for stage in ("prepare_dataset:", "train_model:", "evaluate_model:", "register_model:"):
+        assert any(line.startswith(stage) for line in out.splitlines()), out
+    assert any(line.startswith("step 1/1 loss ") for line in out.splitlines()), out
+    assert "Registered model: models:/" in out and out.startswith("logs: ")
+    assert not chatter(out + proc.stderr), chatter(out + proc.stderr)
+    assert "Traceback" not in proc.stderr
+    (log,) = (tmp_path / "wd" / "logs").glob("run-*.log")
+    assert "temporary server" in log.read_text() and "RayTrainWorker" in log.read_text()
 
 
 @pytest.mark.slow
