@@ -5,7 +5,8 @@ windows every time, scored in batches), so two models evaluated on one dataset a
 identical text. Bits per byte divides the total negative log-likelihood, in bits, by the UTF-8 bytes
 of the scored text, which makes models with different tokenizers comparable. Samples continue the
 configured prompts with a fixed seed; the attention figure shows every head of every layer on the
-first prompt and its sample.
+first prompt and its sample. A score that is not finite (a model whose weights diverged) is refused
+as a UserError before anything is sampled or logged.
 """
 
 from __future__ import annotations
@@ -102,12 +103,21 @@ def score_split(model, tokenizer, tokens: np.ndarray, *, block_size: int, batch_
                       block_size=block_size)
 
 
+def check_finite(score: SplitScore) -> None:
+    """Refuse a score that is not finite: such a model must never be logged, registered or promoted."""
+    if not (math.isfinite(score.val_loss) and math.isfinite(score.bits_per_byte)):
+        raise UserError(f"evaluation: validation loss {score.val_loss:.4g} and bits per byte "
+                        f"{score.bits_per_byte:.4g} over {score.windows} windows are not finite: the model's "
+                        "weights diverged; retrain with a lower train.lr (or train.grad_clip on)")
+
+
 def evaluate_pack(model, tokenizer, data: PreparedData, cfg: PipelineConfig) -> EvalResult:
     """Score the whole validation split (or its first eval.max_tokens) and sample every prompt."""
     from flows.modelpack import generate_text
 
     score = score_split(model, tokenizer, data.tokens("val"), block_size=model.config.block_size,
                         batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)
+    check_finite(score)
     texts = generate_text(model, tokenizer, cfg.eval.prompts, max_new_tokens=cfg.eval.max_new_tokens,
                           temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, seed=cfg.eval.seed)
     return EvalResult(val_loss=score.val_loss, perplexity=math.exp(min(score.val_loss, 50.0)),

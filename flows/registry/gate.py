@@ -3,7 +3,9 @@
 The gate compares the challenger with the current champion on the same validation windows when both
 use the same tokenizer (re-evaluating the champion), else on their recorded bits per byte (also when the
 champion's model pack is gone from the artifact store: the decision's method says so), and moves
-the `champion` alias in one call, so there is never more than one champion. The decision is recorded
+the `champion` alias in one call, so there is never more than one champion. A challenger whose bits
+per byte is not finite is never promoted, and a champion whose score is not finite (NaN compares false
+with everything, so no margin could beat it) loses to any finite challenger. The decision is recorded
 on the challenger's version (and its run) as `gate.*` tags, and a retry reuses it while the champion
 it was made against is still the champion. The caller serialises gates of one registered model (a
 Prefect concurrency limit, see flows/pipeline.py).
@@ -130,10 +132,13 @@ def _re_evaluate(cfg, tracking_uri, name, challenger, champion, data, result):
 
 def decide(cfg: PipelineConfig, tracking_uri: str, challenger, champion, *, data: PreparedData,
            result: EvalResult) -> GateDecision:
-    """Promote when the challenger's bits per byte beat the champion's by registry.min_improvement."""
+    """Promote when the challenger's bits per byte beat the champion's by registry.min_improvement;
+    never a challenger whose score is not finite, always a finite one against a non-finite champion."""
     margin = cfg.registry.min_improvement
     if champion is None:
-        return GateDecision(promote=True, method="no champion", challenger_bits_per_byte=result.bits_per_byte,
+        promote = math.isfinite(result.bits_per_byte)  # evaluation already refuses a non-finite one
+        method = "no champion" if promote else _not_finite("no champion", result.bits_per_byte)
+        return GateDecision(promote=promote, method=method, challenger_bits_per_byte=result.bits_per_byte,
                             challenger_val_loss=result.val_loss, min_improvement=margin)
     common = dict(champion_version=int(champion.version), min_improvement=margin)
     method = "recorded bits per byte (the tokenizers differ)"
@@ -144,13 +149,28 @@ def decide(cfg: PipelineConfig, tracking_uri: str, challenger, champion, *, data
         except ChampionArtifactsGone as gone:  # else every later registration would fail here
             method = f"recorded bits per byte ({gone})"
         else:
-            return GateDecision(promote=c_bpb < k_bpb - margin,
-                                method="re-evaluated champion on the same validation split",
+            promote, method = _compare(c_bpb, k_bpb, margin, "re-evaluated champion on the same validation split")
+            return GateDecision(promote=promote, method=method,
                                 challenger_bits_per_byte=c_bpb, champion_bits_per_byte=k_bpb,
                                 challenger_val_loss=c_loss, champion_val_loss=k_loss, **common)
     k_bpb = _recorded_bits_per_byte(mlflow_client(tracking_uri), champion)
-    return GateDecision(promote=result.bits_per_byte < k_bpb - margin, method=method,
+    promote, method = _compare(result.bits_per_byte, k_bpb, margin, method)
+    return GateDecision(promote=promote, method=method,
                         challenger_bits_per_byte=result.bits_per_byte, champion_bits_per_byte=k_bpb, **common)
+
+
+def _compare(challenger_bpb: float, champion_bpb: float, margin: float, method: str) -> tuple[bool, str]:
+    """(promote, method): a finite challenger beats a champion by `margin`, and any champion whose score
+    is not finite (NaN, or infinity when it has none recorded); a non-finite challenger never wins."""
+    if not math.isfinite(challenger_bpb):
+        return False, _not_finite(method, challenger_bpb)
+    if not math.isfinite(champion_bpb):
+        return True, f"{method}; champion's bits per byte is {champion_bpb:g}, not finite: replaced"
+    return challenger_bpb < champion_bpb - margin, method
+
+
+def _not_finite(method: str, challenger_bpb: float) -> str:
+    return f"{method}; challenger's bits per byte is {challenger_bpb:g}, not finite: never promoted"
 
 
 def champion_gate(cfg: PipelineConfig, tracking_uri: str, version, *, data: PreparedData,

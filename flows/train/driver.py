@@ -3,8 +3,9 @@
 The run name is stable for a flow run, so a Prefect retry re-runs the same Ray Train run and resumes
 from its last checkpoint. The driver stages the prepared data under the storage path (for workers on
 other nodes), sizes the workers, and hands each one a `TrainJob`; `train_loop_per_worker` (loop.py)
-does the rest. Nothing here reads the environment: the Ray address and any fault injection arrive
-in the config and the arguments.
+does the rest; a run the workers stopped because it diverged comes back as their return value and is
+raised here as a UserError (never retried). Nothing here reads the environment: the Ray address and
+any fault injection arrive in the config and the arguments.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 
 from flows.config import PipelineConfig
 from flows.data import PreparedData
+from flows.errors import UserError
 from flows.train.job import FaultInjection, TrainJob, TrainResult
-from flows.train.loop import train_loop_per_worker
+from flows.train.loop import DIVERGED, train_loop_per_worker
 from flows.train.staging import stage_data
 
 
@@ -63,6 +65,8 @@ def train_model(cfg: PipelineConfig, data: PreparedData, *, run_name: str, track
         ),
     )
     result = trainer.fit()
+    if isinstance(result.return_value, dict) and result.return_value.get(DIVERGED):
+        raise UserError(result.return_value[DIVERGED])
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise RuntimeError(f"Ray Train run {run_name} under {storage} finished without a checkpoint")

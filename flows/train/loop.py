@@ -3,9 +3,12 @@
 It reads as a training loop: build the model and optimizer from attention_core, wrap them for data
 parallelism (DDP or FSDP2), resume from the last checkpoint if there is one, then step: sample this
 rank's share of the global batch, take one `train_step`, and now and then log, validate and
-checkpoint. Setup details sit in small helpers below the loop; batches and seeds live in batches.py,
-checkpoints in checkpoint.py, throughput and MLflow in metrics.py. It never imports Prefect: workers
-have no flow-run context.
+checkpoint. A step whose loss or gradient norm is not finite ends the loop on every rank at once,
+returning the one-line verdict instead of raising: Ray Train would retry an exception as a worker
+failure and diverge again from the last checkpoint, while a return value reaches the driver
+(`Result.return_value`), which raises it as a UserError. Setup details sit in small helpers below the
+loop; batches and seeds live in batches.py, checkpoints in checkpoint.py, throughput, MLflow and the
+divergence watch in metrics.py. It never imports Prefect: workers have no flow-run context.
 """
 
 from __future__ import annotations
@@ -17,16 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attention_core import Transformer, configure_optimizer, lr_at, peak_flops, train_step, unwrap_model
+from attention_core import (StepResult, Transformer, configure_optimizer, lr_at, peak_flops, train_step,
+                            unwrap_model)
 from flows.config import PipelineConfig
 from flows.train.batches import mix_seed, sample_batch
 from flows.train.checkpoint import report_checkpoint, restore_checkpoint
 from flows.train.job import FaultInjection, TrainJob, global_batch_tokens, model_config_for
-from flows.train.metrics import MetricsLogger, Throughput, all_reduce_mean, print_progress
+from flows.train.metrics import DivergenceWatch, MetricsLogger, Throughput, all_reduce_mean, print_progress
 from flows.train.staging import localize_data
 
 
-def train_loop_per_worker(config: dict) -> None:
+DIVERGED = "diverged"  # the key of the return value that says training stopped on a non-finite step
+
+
+def train_loop_per_worker(config: dict) -> dict[str, str] | None:
+    """Train this rank; returns {DIVERGED: message} if a step's loss or gradient norm was not finite."""
     job = TrainJob.model_validate(config)
     import ray.train
     import ray.train.torch
@@ -49,6 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
                        peak_flops(device), world, start_step)
     logger = MetricsLogger(job, world, device) if rank == 0 else None
     last: dict[str, float] = {}
+    watch = DivergenceWatch(tc.lr, tc.grad_clip, start_step)
     try:
         for step in range(start_step, tc.max_steps):
             torch.manual_seed(mix_seed(tc.seed, step, rank))  # dropout: a function of (seed, step, rank)
@@ -58,11 +67,16 @@ def train_loop_per_worker(config: dict) -> None:
                                 autocast_dtype=autocast, device_type=device.type)
             done = step + 1
             meter.step()
+            # train_step has already read loss and norm to the host: checking them costs no sync
+            if diverged := watch.check(done, result.loss, result.grad_norm, global_loss=world == 1):
+                return _stop_diverged(diverged, result, logger, done)
             checkpoint_now = done % tc.checkpoint_interval == 0 or done == tc.max_steps
 
             metrics: dict[str, float] = {}
             if done % tc.log_interval == 0 or done == tc.max_steps:
                 loss = all_reduce_mean(torch.tensor(result.loss))  # the global batch's loss
+                if diverged := watch.check(done, loss, result.grad_norm, global_loss=True):
+                    return _stop_diverged(diverged, result, logger, done)
                 metrics.update(train_loss=loss, lr=lr, grad_norm=result.grad_norm, **meter.measure())
                 if rank == 0:
                     print_progress(done, tc.max_steps, loss, lr, metrics["tokens_per_sec"],
@@ -81,6 +95,14 @@ def train_loop_per_worker(config: dict) -> None:
     finally:
         if logger:
             logger.close()
+    return None
+
+
+def _stop_diverged(message: str, result: StepResult, logger: MetricsLogger | None, step: int) -> dict[str, str]:
+    """Record the non-finite step (rank 0: in MLflow) and hand the verdict back as the return value."""
+    if logger:
+        logger.log({"train_loss": result.loss, "grad_norm": result.grad_norm}, step=step)
+    return {DIVERGED: message}
 
 
 @torch.no_grad()

@@ -4,10 +4,13 @@
 the device's peak is known) and an ETA. `print_progress` writes rank 0's one-line status.
 `MetricsLogger` is rank 0's MLflow client, logging to the flow's run with an explicit tracking URI
 (workers share no MLflow global state with the driver). `all_reduce_mean` averages a value over ranks.
+`DivergenceWatch` notices the first step whose loss or gradient norm is not finite and words the one
+line that stops the run.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -23,6 +26,41 @@ def all_reduce_mean(value: torch.Tensor) -> float:
         torch.distributed.all_reduce(value)
         value /= torch.distributed.get_world_size()
     return float(value)
+
+
+class DivergenceWatch:
+    """The last finite loss, and the one-line verdict for the first step that is not finite.
+
+    Every rank must reach the same verdict at the same step, or the ranks that go on would wait for
+    the others in the next collective. The gradient norm is taken after the data-parallel all-reduce
+    (DDP) or gathered whole (FSDP2), so it is the same on every rank, and a non-finite loss on any one
+    rank makes its gradients, hence everyone's norm, non-finite. A rank's own loss therefore decides
+    only where it is the global one (`global_loss`: one worker, or the all-reduced logging loss).
+    """
+
+    def __init__(self, lr: float, grad_clip: float, start_step: int = 0):
+        self.lr, self.grad_clip, self.start_step = lr, grad_clip, start_step
+        self.last_loss: float | None = None
+        self.last_step: int | None = None
+
+    def check(self, step: int, loss: float, grad_norm: float, *, global_loss: bool) -> str | None:
+        """None while training is finite (remembering `loss`), else the message naming `step`."""
+        if math.isfinite(grad_norm) and (math.isfinite(loss) or not global_loss):
+            if math.isfinite(loss):
+                self.last_loss, self.last_step = loss, step
+            return None
+        return self.message(step, loss, grad_norm)
+
+    def message(self, step: int, loss: float, grad_norm: float) -> str:
+        if self.last_step is not None:
+            before = f"last finite loss {self.last_loss:.4f} at step {self.last_step}"
+        elif self.start_step:
+            before = f"no finite loss since this attempt resumed at step {self.start_step}"
+        else:
+            before = "no finite loss before it"
+        hint = f"lower train.lr (now {self.lr:g})"
+        hint += " or set train.grad_clip (now 0: off)" if self.grad_clip == 0 else ""
+        return f"training diverged at step {step}: loss {loss:.4g}, grad norm {grad_norm:.4g} ({before}); {hint}"
 
 
 class Throughput:
