@@ -12,8 +12,6 @@ body only wires results from task to task.
 
 from __future__ import annotations
 
-import re
-from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, task
@@ -136,20 +134,6 @@ def evaluate_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     return result
 
 
-@contextmanager
-def _champion_lock(model_name: str):
-    """One champion gate at a time per registered model, across flow runs and machines: a Prefect
-    global concurrency limit of 1, so two overlapping runs never both promote against one champion."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-
-    name = "champion-gate-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name)
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
-    with concurrency(name, occupy=1, strict=True):
-        yield
-
-
 def _publish_summary(reg: Registration, result: EvalResult, tracking_uri: str, lineage: dict[str, str]) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
@@ -166,13 +150,13 @@ def _publish_summary(reg: Registration, result: EvalResult, tracking_uri: str, l
 def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainResult,
                         result: EvalResult) -> Registration:
     """Log and register the pyfunc once per run, run the champion gate, publish the run's summary."""
-    from flows.registry import champion_gate, log_model_version
+    from flows.registry import log_model_version
+    from flows.registry.lock import gate_exclusively
 
     uri, run_id = _mlflow_run(cfg)
     with local_checkpoint(trained) as checkpoint:
         version = log_model_version(cfg, uri, run_id, checkpoint_path=checkpoint, data=data, result=result)
-    with _champion_lock(cfg.registry.model_name):
-        reg = champion_gate(cfg, uri, version, data=data, result=result)
+    reg = gate_exclusively(cfg, uri, version, data=data, result=result)  # one gate at a time per model
     _publish_summary(reg, result, uri, _lineage(data, trained))
     return reg
 
