@@ -11,6 +11,7 @@ events and the second gate's decision show it waited and compared with the champ
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import threading
 import time
@@ -153,3 +154,32 @@ def test_overlapping_gates_are_serialised(tmp_path, prepared_corpus, tiny_checkp
     assert not out["B"].champion and out["B"].champion_version == int(va.version)  # read inside the lock
     client = mlflow_client(uri)
     assert client.get_model_version_by_alias(cfg.registry.model_name, CHAMPION).version == va.version
+
+
+# --------------------------------------------------------------------------------------- a new SQLite store
+OPEN_STORE = """
+import sys, time
+from flows.registry import mlflow_client, start_pipeline_run
+from flows.config import load_config
+uri, start_at = sys.argv[1], float(sys.argv[2])
+while time.time() < start_at:  # all processes open the new store at once
+    time.sleep(0.001)
+cfg = load_config(overrides=["registry.experiment=concurrent"])
+print(start_pipeline_run(cfg, uri, flow_run_id=sys.argv[3], run_name="open"))
+"""
+
+
+def test_processes_opening_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """MLflow creates a new store's tables on first use; three processes doing so at once used to fail
+    with "table latest_metrics already exists" (or an alembic version mismatch)."""
+    from flows.registry import mlflow_client
+
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    start_at = time.time() + 8  # after every interpreter has imported MLflow
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, uri, str(start_at), f"flow-{i}"],
+                              env=base_env(PYTHONPATH=str(PROJECT)), cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 3, "\n".join(o[-2000:] for o in outputs)
+    client = mlflow_client(uri)
+    assert len(client.search_runs([client.get_experiment_by_name("concurrent").experiment_id])) == 3
