@@ -4,8 +4,8 @@ The gate compares the challenger with the current champion on the same validatio
 use the same tokenizer (re-evaluating the champion), else on their recorded bits per byte, and moves
 the `champion` alias in one call, so there is never more than one champion. The decision is recorded
 on the challenger's version (and its run) as `gate.*` tags, and a retry reuses it while the champion
-it was made against is still the champion. The caller serialises gates of one registered model (a
-Prefect concurrency limit, see flows/pipeline.py).
+it was made against is still the champion. Gates of one registered model run one at a time, under
+flows/registry/lock.py's champion_lock (gate_exclusively).
 """
 
 from __future__ import annotations
