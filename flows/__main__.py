@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL each run starts a temporary Prefect server; three at once on a fresh
+    # PREFECT_HOME (migrating one database) or on busy cores need more than Prefect's 20 s to answer.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.errors import is_user_error
 
     if not args.debug:
