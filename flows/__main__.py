@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +75,23 @@ def _load_config(args):
     return with_environment(load_config(args.config, args.overrides, json_text=args.config_json))
 
 
+def _start_temporary_prefect_server() -> None:
+    """Without PREFECT_API_URL, start this process's temporary Prefect server now, one process at a time
+    per PREFECT_HOME: each migrates the one database there as it starts, and servers starting together
+    on a new database race (and time out)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    from flows.registry.lock import file_lock
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return
+    with file_lock(Path(settings.home).expanduser() / "attention-pipeline-server-start.lock"):
+        with get_client(sync_client=True) as client:  # the server outlives the client: the flow uses it
+            client.api_healthcheck()
+
+
 def cmd_run(args) -> int:
     from flows.data import check_source
 
@@ -81,6 +99,7 @@ def cmd_run(args) -> int:
     check_source(cfg.data.source)  # fail fast on a missing path, before any service starts
     from flows.pipeline import training_pipeline_flow
 
+    _start_temporary_prefect_server()
     reg = training_pipeline_flow(config=cfg)
     uri = cfg.tracking_uri()
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
