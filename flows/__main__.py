@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +81,23 @@ def _load_config(args, *, environment: bool = True):
     return with_environment(cfg) if environment else cfg
 
 
+def _start_temporary_prefect_server() -> None:
+    """Without PREFECT_API_URL, start this process's temporary Prefect server now, one process at a time
+    per PREFECT_HOME: each migrates the one database there as it starts, and servers starting together
+    on a new database race (and time out)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    from flows.registry.lock import file_lock
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return
+    with file_lock(Path(settings.home).expanduser() / "attention-pipeline-server-start.lock"):
+        with get_client(sync_client=True) as client:  # the server outlives the client: the flow uses it
+            client.api_healthcheck()
+
+
 def cmd_run(args) -> int:
     from flows.config import with_environment
     from flows.console import log_to, quiet_console
@@ -96,6 +114,7 @@ def cmd_run(args) -> int:
     # libraries' output to <workdir>/logs) unless --debug.
     with contextlib.nullcontext() if args.debug else quiet_console():
         log_to(cfg.workdir_path)  # says where the libraries' output goes (inside a quiet run)
+        _start_temporary_prefect_server()
         # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI) stays
         # as given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes a parameter.
         reg = training_pipeline_flow(config=given)
@@ -176,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect's temporary server gets 20 s to start by default: too little on a busy 2-core machine or
-    # a loaded cluster node, where a run then fails before it began. A setting for Prefect, not a read.
+    # Without PREFECT_API_URL each run starts a temporary Prefect server; three at once on a fresh
+    # PREFECT_HOME (migrating one database) or on busy cores need more than Prefect's 20 s to answer.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.errors import is_user_error
 

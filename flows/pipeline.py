@@ -12,8 +12,6 @@ body only wires results from task to task.
 
 from __future__ import annotations
 
-import re
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +24,9 @@ from flows.data import PreparedData, Source, parse_source
 from flows.data.cache import DataFingerprintCache, prepare_options, source_for_run
 from flows.errors import is_user_error
 from flows.evaluate import EvalResult
+from flows.masking import mask_uri
 from flows.preflight import check_before_run
 from flows.registry import Registration
-from flows.masking import mask_uri
 from flows.train import FaultInjection, TrainResult, local_checkpoint
 
 SUMMARY_KEY, LINK_KEY = "pipeline-summary", "mlflow-run"
@@ -143,20 +141,6 @@ def evaluate_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     return result
 
 
-@contextmanager
-def _champion_lock(model_name: str):
-    """One champion gate at a time per registered model, across flow runs and machines: a Prefect
-    global concurrency limit of 1, so two overlapping runs never both promote against one champion."""
-    from prefect.client.orchestration import get_client
-    from prefect.concurrency.sync import concurrency
-
-    name = "champion-gate-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", model_name)
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, 1)
-    with concurrency(name, occupy=1, strict=True):
-        yield
-
-
 def _publish_summary(reg: Registration, result: EvalResult, tracking_uri: str, lineage: dict[str, str]) -> None:
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
@@ -174,15 +158,15 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
                         result: EvalResult, on_step: Callable[[str], None] | None = None) -> Registration:
     """Log and register the pyfunc once per run, run the champion gate, publish the run's summary
     (`on_step(point)` after each registration step: fault tests only)."""
-    from flows.registry import champion_gate, log_model_version
+    from flows.registry import log_model_version
+    from flows.registry.lock import gate_exclusively
 
     print(f"register_model: {cfg.registry.model_name}, champion gate")
     uri, run_id = _mlflow_run(cfg)
     with local_checkpoint(trained) as checkpoint:
         version = log_model_version(cfg, uri, run_id, checkpoint_path=checkpoint, data=data, result=result,
                                     on_step=on_step)
-    with _champion_lock(cfg.registry.model_name):
-        reg = champion_gate(cfg, uri, version, data=data, result=result, on_step=on_step)
+    reg = gate_exclusively(cfg, uri, version, data=data, result=result, on_step=on_step)  # one gate at a time
     _publish_summary(reg, result, uri, _lineage(data, trained))
     print(f"register_model: version {reg.version}, {reg.decision}")
     return reg

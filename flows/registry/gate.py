@@ -7,8 +7,8 @@ the `champion` alias in one call, so there is never more than one champion. A ch
 per byte is not finite is never promoted, and a champion whose score is not finite (NaN compares false
 with everything, so no margin could beat it) loses to any finite challenger. The decision is recorded
 on the challenger's version (and its run) as `gate.*` tags, and a retry reuses it while the champion
-it was made against is still the champion. The caller serialises gates of one registered model (a
-Prefect concurrency limit, see flows/pipeline.py).
+it was made against is still the champion. Gates of one registered model run one at a time, under
+flows/registry/lock.py's champion_lock (gate_exclusively).
 """
 
 from __future__ import annotations

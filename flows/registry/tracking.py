@@ -8,6 +8,7 @@ pipelines in one process (a test session, a notebook) never write to each other'
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import subprocess
@@ -23,10 +24,15 @@ SAMPLES_TABLE = "samples.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+SQLITE_BUSY_TIMEOUT_S = 120  # how long a SQLite write waits for another process's (pysqlite's default: 5 s)
+
+
 def mlflow_client(tracking_uri: str):
     """A client of tracking_uri for both runs and the model registry (one store holds both)."""
     from mlflow.tracking import MlflowClient
 
+    if tracking_uri.startswith("sqlite:///"):
+        tracking_uri = _shared_sqlite_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -58,6 +64,25 @@ def quoted(value: str, *, double_quotes: bool = True) -> str:
 def does_not_exist(err: Exception) -> bool:
     """Whether an MLflow error says the thing asked for does not exist (any other error is real)."""
     return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+@functools.cache
+def _shared_sqlite_store(tracking_uri: str) -> str:
+    """tracking_uri opened so that pipelines in several processes can share it: its tables created or
+    migrated under a file lock beside the database (MLflow's own first-use migration races: "table
+    latest_metrics already exists"), and writes that wait for another process's rather than failing
+    with "database is locked" after pysqlite's 5 s."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.registry.lock import file_lock
+
+    if "?" in tracking_uri:  # the user chose the connection's options
+        return tracking_uri
+    db = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+    store = f"{tracking_uri}?timeout={SQLITE_BUSY_TIMEOUT_S}"
+    with file_lock(db.with_name(f"{db.name}.init.lock")):
+        MlflowClient(tracking_uri=store).search_experiments(max_results=1)  # MLflow creates the tables here
+    return store
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
