@@ -137,7 +137,8 @@ def served(registered, free_port, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
            "SERVING_MODEL_CONFIG": json.dumps({"max_new_tokens_limit": 64}),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}  # its uvicorn
     cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
            f"models:/{cfg.registry.model_name}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
     with open(log, "wb") as out:
@@ -154,12 +155,13 @@ def served(registered, free_port, tmp_path_factory):
                 time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/invocations", proc
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group started here
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group started here
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
 
 
 @pytest.mark.parametrize("body, message", [
