@@ -6,8 +6,8 @@ any process where the project is installed. predict() takes prompt strings and r
 continuations; the sampling settings are pyfunc params (see `signature`). A request is checked
 before anything is generated (flows/modelpack.py `generate_text`): at most `max_new_tokens_limit` new
 tokens and prompt tokens, by default the larger of the model's block_size and 1024, or what the
-loader's model_config says (`mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens_limit": N})`,
-or `SERVING_MODEL_CONFIG='{"max_new_tokens_limit": N}' mlflow models serve ...`). A bad parameter or
+loader's model_config says (`mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens_limit": N})`).
+A bad parameter or
 prompt raises MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with a 400
 and the message, and keeps serving. `save_pyfunc` writes the MLflow model directory locally; logging
 and registering it is flows/registry/versions.py's job.
