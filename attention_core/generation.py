@@ -7,7 +7,10 @@ given left-padded with an `attention_mask`; positions count real tokens only, so
 continues exactly as its prompt would alone. Past `block_size`, a model with learned positions has
 no embedding for the next position, so it slides the window: each further token is computed from
 scratch on the last `block_size` tokens (no cache, since every position shifts at each step).
-A RoPE model has no such limit and keeps going with its cache.
+A RoPE model has no such limit and keeps going with its cache. The cache is never preallocated for
+the whole request: a learned-position model's holds at most `block_size` positions, a RoPE model's
+starts at the prompt plus `block_size` and doubles as the sequence grows, so memory follows what is
+generated, not what was asked for.
 """
 
 from __future__ import annotations
@@ -53,16 +56,20 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
 
     # learned positions exist only for the last block_size tokens; RoPE has no limit
     window = cfg.block_size if cfg.pos == "learned" else None
+    total = T + max_new_tokens
     cache = None
     if use_cache:
-        total = T + max_new_tokens
-        cache = model.make_kv_cache(B, total if window is None else min(total, window))
+        # never the whole request up front: a learned model cannot cache past its window, and a
+        # RoPE model's cache grows (see _grown) only as far as the sequence really gets
+        cache = model.make_kv_cache(B, min(total, window if window is not None else T + cfg.block_size))
 
     was_training = model.training
     model.eval()
     try:
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
+            if cache is not None and window is None and idx.size(1) > cache[0].max_len:
+                cache = _grown(model, cache, min(total, 2 * cache[0].max_len))
             if cache is not None and idx.size(1) <= cache[0].max_len:
                 new_tokens = idx[:, cache[0].length:]  # the whole prompt first, then one token
                 logits, _ = model(new_tokens, attention_mask=mask, kv_cache=cache)
@@ -86,6 +93,17 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     finally:
         model.train(was_training)
     return idx[0] if squeeze else idx
+
+
+def _grown(model, cache: list, max_len: int) -> list:
+    """A copy of cache (one KVCache per layer) with room for max_len positions."""
+    first = cache[0]
+    bigger = model.make_kv_cache(first.k.size(0), max_len, device=first.k.device, dtype=first.k.dtype)
+    for old, new in zip(cache, bigger):
+        n = old.length
+        new.k[:, :, :n], new.v[:, :, :n] = old.k[:, :, :n], old.v[:, :, :n]  # (B, n_kv_head, n, hs)
+        new.length = n
+    return bigger
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None = None,

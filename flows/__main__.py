@@ -52,7 +52,11 @@ def _add_generate_parser(sub) -> None:
     gen.add_argument("--model-uri", default="models:/attention-transformer@champion",
                      help="registered model URI (default: %(default)s)")
     gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate (default: 100)")
+    gen.add_argument("--max-new-tokens", type=int, default=100, metavar="N",
+                     help="tokens to generate, at most the limit (default: 100)")
+    gen.add_argument("--max-new-tokens-limit", type=int, metavar="L",
+                     help="the most new tokens (and prompt tokens) allowed; default: the model's block_size "
+                     "or 1024, whichever is larger")
     gen.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0: greedy (default: 0.8)")
     gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the top K tokens; 0: all (default)")
     gen.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
@@ -135,11 +139,16 @@ def mlflow_ui_line(tracking_uri: str) -> str:
 
 
 def cmd_generate(args) -> int:
+    from flows.modelpack import check_sampling
+
+    # before MLflow is even imported; the model's own limit is checked once its config is downloaded
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed, limit=args.max_new_tokens_limit)
     from flows.mlflow_model import generate
 
     uri = args.tracking_uri or _load_config(args).tracking_uri()
     text = generate(args.model_uri, args.prompt, tracking_uri=uri, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    max_new_tokens_limit=args.max_new_tokens_limit)
     print(args.prompt + text)
     return 0
 

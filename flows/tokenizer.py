@@ -68,6 +68,11 @@ def _code_points(data: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return cp
 
 
+def _not_unicode(text: str, err: UnicodeEncodeError) -> UserError:
+    """The error for a str that has no UTF-8 form (a lone surrogate, as JSON's "\\ud800" decodes to)."""
+    return UserError(f"text is not valid Unicode: {text[err.start]!r} at character {err.start} ({err.reason})")
+
+
 class CharTokenizer:
     """One id per character of the corpus (in code-point order) plus end-of-text, the last id."""
 
@@ -96,16 +101,21 @@ class CharTokenizer:
         return cls(sorted(seen))
 
     def _ids(self, codepoints: np.ndarray) -> np.ndarray:
+        looked_up = codepoints
         if codepoints.dtype != np.uint8:  # past the table: the last entry, which is -1
-            codepoints = np.minimum(codepoints, np.uint32(len(self._lut) - 1))
-        ids = self._lut[codepoints]
-        if ids.size and ids.min() < 0:
+            looked_up = np.minimum(codepoints, np.uint32(len(self._lut) - 1))
+        ids = self._lut[looked_up]
+        if ids.size and ids.min() < 0:  # named as they are, not as clamped for the lookup
             unknown = sorted({chr(c) for c in codepoints[ids < 0][:1000].tolist()})
             raise UserError(f"text has characters outside the char vocabulary: {''.join(unknown)[:20]!r}")
         return ids
 
     def encode(self, text: str) -> list[int]:
-        return self._ids(np.frombuffer(text.encode("utf-32-le"), np.uint32)).tolist()
+        try:
+            codepoints = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+        except UnicodeEncodeError as err:
+            raise _not_unicode(text, err) from None
+        return self._ids(codepoints).tolist()
 
     def decode(self, ids) -> str:
         n = len(self._pieces)
@@ -149,7 +159,10 @@ class ByteTokenizer:
     vocab_size = 257
 
     def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        try:
+            return list(text.encode("utf-8"))
+        except UnicodeEncodeError as err:
+            raise _not_unicode(text, err) from None
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
@@ -259,6 +272,10 @@ class BPETokenizer:
         self.__init__(type(self).from_str(state["json"])._tok)
 
     def encode(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")  # `tokenizers` would fail on a lone surrogate with a bare TypeError
+        except UnicodeEncodeError as err:
+            raise _not_unicode(text, err) from None
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:

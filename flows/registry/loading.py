@@ -8,6 +8,7 @@ MLflow's global tracking or registry URI. What is downloaded is then a plain art
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -85,23 +86,38 @@ def download_model_pack(tracking_uri: str, model_uri: str, dst: str | Path, devi
 
 
 def generate(model_uri: str, prompt: str, *, tracking_uri: str, max_new_tokens: int = 100,
-             temperature: float = 0.8, top_k: int = 0, seed: int = 0) -> str:
-    """Load a registered model as a pyfunc (pickle-free) and return its continuation of prompt."""
+             temperature: float = 0.8, top_k: int = 0, seed: int = 0, max_new_tokens_limit: int | None = None) -> str:
+    """Load a registered model as a pyfunc (pickle-free) and return its continuation of prompt.
+
+    The sampling settings are checked before anything is downloaded, max_new_tokens against the
+    model's limit (max_new_tokens_limit, else the default for its block_size) before its weights
+    load; the prompt when the model has its tokenizer. Each mistake is a UserError naming it.
+    """
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
     from flows.errors import UserError
+    from flows.modelpack import CONFIG, check_sampling, default_max_new_tokens_limit
 
-    if max_new_tokens < 1 or temperature < 0 or top_k < 0:
-        raise UserError(f"generate: need max_new_tokens >= 1, temperature >= 0, top_k >= 0; got "
-                        f"{max_new_tokens}, {temperature}, {top_k}")
+    check_sampling(max_new_tokens, temperature, top_k, seed, limit=max_new_tokens_limit)
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
         raise UserError(f"no MLflow store at {tracking_uri}: run the pipeline first, or pass --tracking-uri")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            model = mlflow.pyfunc.load_model(str(download_model(tracking_uri, model_uri, tmp)))
+            local = download_model(tracking_uri, model_uri, tmp)
+            if max_new_tokens_limit is None:  # the model's own limit, known from its config alone
+                config = json.loads((local / "artifacts" / PACK / CONFIG).read_text())
+                check_sampling(max_new_tokens, temperature, top_k, seed,
+                               limit=default_max_new_tokens_limit(config["block_size"]))
+            model_config = None if max_new_tokens_limit is None else {"max_new_tokens_limit": max_new_tokens_limit}
+            model = mlflow.pyfunc.load_model(str(local), model_config=model_config)
         except MlflowException as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(mask_uri(f"--model-uri: cannot load {model_uri} from {tracking_uri}: {reason}")) from None
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
-        return model.predict([prompt], params=params)[0]
+        try:
+            return model.predict([prompt], params=params)[0]
+        except MlflowException as err:
+            if err.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            raise UserError(err.message) from None

@@ -3,8 +3,14 @@
 `_pyfunc_entry.py` (beside this file) is the file MLflow stores and executes at load time; it only
 instantiates `AttentionLM` below, so a model loads with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false in
 any process where the project is installed. predict() takes prompt strings and returns the generated
-continuations; the sampling settings are pyfunc params (see `signature`). `save_pyfunc` writes the
-MLflow model directory locally; logging and registering it is flows/registry/versions.py's job.
+continuations; the sampling settings are pyfunc params (see `signature`). A request is checked
+before anything is generated (flows/modelpack.py `generate_text`): at most `max_new_tokens_limit` new
+tokens and prompt tokens, by default the larger of the model's block_size and 1024, or what the
+loader's model_config says (`mlflow.pyfunc.load_model(uri, model_config={"max_new_tokens_limit": N})`).
+A bad parameter or
+prompt raises MlflowException(INVALID_PARAMETER_VALUE), which `mlflow models serve` answers with a 400
+and the message, and keeps serving. `save_pyfunc` writes the MLflow model directory locally; logging
+and registering it is flows/registry/versions.py's job.
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from flows.modelpack import generate_text, load_model_pack
+from flows.errors import UserError
+from flows.modelpack import check_limit, default_max_new_tokens_limit, generate_text, load_model_pack
 
 ENTRY = str(Path(__file__).with_name("_pyfunc_entry.py"))
 PACK = "model_pack"  # the artifact key, and the folder under <model>/artifacts/ that holds the pack
@@ -29,24 +38,40 @@ log = logging.getLogger(__name__)
 class AttentionLM(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.model, self.tokenizer = load_model_pack(context.artifacts[PACK])
+        self.max_new_tokens_limit = max_new_tokens_limit(self.model.config.block_size, context.model_config)
 
     # The DataFrame hint is what pyfunc passes for the string-column signature; MLflow infers no
     # second schema from it (the explicit `signature()` stays the contract).
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
-        prompts = _prompts(model_input)
         p = {**DEFAULT_PARAMS, **(params or {})}
-        return generate_text(self.model, self.tokenizer, prompts, max_new_tokens=int(p["max_new_tokens"]),
-                             temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
-                             seed=int(p["seed"]))
+        try:
+            return generate_text(self.model, self.tokenizer, _prompts(model_input),
+                                 max_new_tokens=p["max_new_tokens"], temperature=p["temperature"],
+                                 top_k=p["top_k"], seed=p["seed"], max_new_tokens_limit=self.max_new_tokens_limit)
+        except UserError as err:  # the caller's mistake: a 400 with the message, not a failed server
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
 
 
-def _prompts(model_input) -> list[str]:
+def max_new_tokens_limit(block_size: int, model_config: dict | None) -> int:
+    """model_config's max_new_tokens_limit when it sets one, else the default for block_size."""
+    limit = (model_config or {}).get("max_new_tokens_limit")
+    if limit is None:
+        return default_max_new_tokens_limit(block_size)
+    try:
+        return check_limit(limit)
+    except UserError as err:  # the server's configuration: loading fails, naming it
+        raise MlflowException(f"model_config: {err}", error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def _prompts(model_input) -> list:
+    """The prompts of a DataFrame (its `prompt` column, else its first), a string or a list, unconverted:
+    generate_text says which one is not a string."""
     if hasattr(model_input, "columns"):  # pandas DataFrame, as pyfunc passes signature-typed input
         column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(v) for v in model_input[column].tolist()]
+        return model_input[column].tolist()
     if isinstance(model_input, str):
         return [model_input]
-    return [str(v) for v in model_input]
+    return list(model_input)
 
 
 def signature():

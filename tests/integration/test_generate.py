@@ -1,15 +1,22 @@
-"""The registered pyfunc in a fresh process with pickle loading disabled, and `python -m flows generate`.
+"""The registered pyfunc in a fresh process with pickle loading disabled, `python -m flows generate`, and
+the same model behind a real `mlflow models serve`.
 
 A tiny random model is registered on a SQLite MLflow store (no training needed: what matters is that
-the model loads without the pipeline's process and samples exactly as the model pack does).
+the model loads without the pipeline's process and samples exactly as the model pack does). Bad
+requests get one line from the CLI (exit 2) and a 400 with the message from the server, which goes on
+serving.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -17,6 +24,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
+PROJECT = Path(__file__).resolve().parents[2]
 CORPUS = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(120))
 
 
@@ -93,7 +101,13 @@ def test_generate_cli_samples_exactly_like_the_model_pack(registered):
 
 @pytest.mark.parametrize("args, needle", [
     (["--model-uri", "models:/no-such-model@champion", "--prompt", "def "], "no-such-model"),
-    (["--model-uri", "models:/generate-test@champion", "--prompt", "Ω"], "outside the char vocabulary"),
+    (["--model-uri", "models:/generate-test@champion", "--prompt", "Ω"],
+     "prompt: text has characters outside the char vocabulary: 'Ω'"),
+    (["--model-uri", "models:/generate-test@champion", "--prompt", "def ", "--max-new-tokens", "1000000000"],
+     "max_new_tokens: 1000000000 must be an integer from 1 to 1024 (max_new_tokens_limit)"),
+    (["--prompt", "def ", "--max-new-tokens", "30", "--max-new-tokens-limit", "20"],
+     "max_new_tokens: 30 must be an integer from 1 to 20"),
+    (["--prompt", "def ", "--temperature", "nan"], "temperature: nan must be a finite number >= 0"),
 ])
 def test_generate_cli_errors_are_one_line(registered, args, needle):
     proc = generate_cli(registered[0], *args)
@@ -101,3 +115,72 @@ def test_generate_cli_errors_are_one_line(registered, args, needle):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------- `mlflow models serve`
+
+def post(url: str, body: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def served(registered, free_port, tmp_path_factory):
+    """`mlflow models serve` of the champion on 127.0.0.1 -> (url, process)."""
+    uri, cfg, _, _ = registered
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}  # its uvicorn
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+           f"models:/{cfg.registry.model_name}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no answer on /ping:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/invocations", proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: the group started here
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("body, message", [
+    ('{"inputs": ["def "], "params": {"max_new_tokens": 1000000000}}',
+     "max_new_tokens: 1000000000 must be an integer from 1 to 1024 (max_new_tokens_limit)"),
+    ('{"inputs": ["def "], "params": {"temperature": -1.5}}', "temperature: -1.5 must be a finite number >= 0"),
+    ('{"inputs": ["def "], "params": {"top_k": -1}}', "top_k: -1 must be an integer >= 0"),
+    ('{"inputs": ["def ", "\u03a9"]}', "prompt 1: text has characters outside the char vocabulary: 'Ω'"),
+    (r'{"inputs": ["\ud800"]}', "prompt: text is not valid Unicode: '\\ud800' at character 0"),
+])
+def test_a_bad_request_gets_a_400_and_the_server_goes_on(served, registered, body, message):
+    from flows.modelpack import export_model_pack, generate_text, load_model_pack
+
+    url, proc = served
+    status, answer = post(url, body)
+    assert status == 400, answer
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert message in answer["message"]
+    assert proc.poll() is None
+    status, answer = post(url, '{"inputs": ["def "], "params": {"max_new_tokens": 64, "temperature": 1.0, "seed": 5}}')
+    assert status == 200, answer
+    _, _, data, checkpoint = registered
+    model, tok = load_model_pack(export_model_pack(checkpoint, data.path, checkpoint.parent / "serve-pack"))
+    assert answer["predictions"] == generate_text(model, tok, ["def "], max_new_tokens=64, temperature=1.0, seed=5)
