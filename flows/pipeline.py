@@ -159,7 +159,7 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     """Log and register the pyfunc once per run, run the champion gate, publish the run's summary
     (`on_step(point)` after each registration step: fault tests only)."""
     from flows.registry import log_model_version
-    from flows.registry.lock import gate_exclusively
+    from flows.registry.gate import gate_exclusively
 
     print(f"register_model: {cfg.registry.model_name}, champion gate")
     uri, run_id = _mlflow_run(cfg)

@@ -8,13 +8,14 @@ per byte is not finite is never promoted, and a champion whose score is not fini
 with everything, so no margin could beat it) loses to any finite challenger. The decision is recorded
 on the challenger's version (and its run) as `gate.*` tags, and a retry reuses it while the champion
 it was made against is still the champion. Gates of one registered model run one at a time, under
-flows/registry/lock.py's champion_lock (gate_exclusively).
+flows/registry/lock.py's champion_lock (`gate_exclusively` below).
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -23,6 +24,7 @@ from flows.config import PipelineConfig
 from flows.data import PreparedData
 from flows.evaluate import EvalResult
 from flows.registry.loading import download_model_pack, pack_is_complete
+from flows.registry.lock import champion_lock
 from flows.registry.tracking import does_not_exist, mlflow_client, set_run_tags
 from flows.registry.versions import EVAL_BPB, TOKENIZER_DIGEST, OnStep
 
@@ -215,3 +217,17 @@ def _describe(d: GateDecision) -> str:
     return (f"{d.decision}: {d.challenger_bits_per_byte:.4f} bits/byte against champion "
             f"v{d.champion_version}'s {d.champion_bits_per_byte:.4f} ({d.method}; "
             f"min improvement {d.min_improvement})")
+
+
+def gate_exclusively(cfg, tracking_uri: str, version, *, data, result,
+                     on_locked: Callable[[], None] | None = None,
+                     on_step: Callable[[str], None] | None = None, **lock_options):
+    """champion_gate under champion_lock, so the champion it compares against is the one of now.
+
+    on_locked (tests only) runs once the lock is held and before the champion is read: a test holds
+    the lock there while another gate tries to take it. on_step (fault tests only): see champion_gate.
+    """
+    with champion_lock(tracking_uri, cfg.registry.model_name, **lock_options):
+        if on_locked is not None:
+            on_locked()
+        return champion_gate(cfg, tracking_uri, version, data=data, result=result, on_step=on_step)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -85,19 +85,3 @@ def champion_lock(tracking_uri: str, model_name: str, *, lock_dir: Path = LOCK_D
             stack.enter_context(prefect_limit(model_name))
         stack.enter_context(file_lock(lock_path(tracking_uri, model_name, lock_dir)))
         yield
-
-
-def gate_exclusively(cfg, tracking_uri: str, version, *, data, result,
-                     on_locked: Callable[[], None] | None = None,
-                     on_step: Callable[[str], None] | None = None, **lock_options):
-    """champion_gate under champion_lock, so the champion it compares against is the one of now.
-
-    on_locked (tests only) runs once the lock is held and before the champion is read: a test holds
-    the lock there while another gate tries to take it. on_step (fault tests only): see champion_gate.
-    """
-    from flows.registry.gate import champion_gate
-
-    with champion_lock(tracking_uri, cfg.registry.model_name, **lock_options):
-        if on_locked is not None:
-            on_locked()
-        return champion_gate(cfg, tracking_uri, version, data=data, result=result, on_step=on_step)

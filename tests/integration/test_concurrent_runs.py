@@ -106,7 +106,7 @@ def test_overlapping_gates_are_serialised(tmp_path, prepared_corpus, tiny_checkp
     against A's version (without the lock B would see no champion and promote itself as well)."""
     from flows.evaluate import EvalResult
     from flows.registry import CHAMPION, log_model_version, mlflow_client, start_pipeline_run
-    from flows.registry.lock import gate_exclusively
+    from flows.registry.gate import gate_exclusively
 
     cfg, data = prepared_corpus(CORPUS[:6000])
     cfg.registry.min_improvement = 0.0
