@@ -1,7 +1,7 @@
 """One champion gate at a time per registered model, whichever way the pipelines share a registry.
 
 Two gates that overlap would both read the same champion and could both promote. The gate therefore
-runs under `champion_lock`, and reads the champion only once it holds it (`gate_exclusively`). The
+runs under `champion_lock`, and reads the champion only once it holds it (`gate.gate_exclusively`). The
 lock is an exclusive `flock` on a file: beside the database for a SQLite store (every process that
 can write that store sees that file, so any number of `flows run` processes on one machine, each with
 its own temporary Prefect server, are serialised), and in a per-user directory keyed by the tracking
