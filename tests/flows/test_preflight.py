@@ -187,10 +187,22 @@ def test_visible_gpus_follow_cuda_visible_devices(visible, expected):
 def test_generation_kv_cache_must_fit(pos, refused):
     from flows.preflight import check_generation
 
-    cfg = load_config(overrides=[f"model.pos={pos}", "eval.max_new_tokens=1000000000"])
-    if refused:
+    if refused:  # a RoPE model whose context allows that many new tokens (the generation limit does)
+        cfg = load_config(overrides=["model.pos=rope", "model.block_size=1000000000",
+                                     "eval.max_new_tokens=1000000000"])
         with pytest.raises(UserError, match=r"^eval\.max_new_tokens: 1000000000 tokens per sample need a KV cache "
                                             r"of about 3\.73 TiB .* but this machine has 16 GiB"):
             check_generation(cfg, ram=16 * GiB)
     else:  # learned positions: the cache slides over block_size positions
+        cfg = load_config(overrides=["model.pos=learned", "eval.max_new_tokens=1000"])
         assert check_generation(cfg, ram=16 * GiB) == 2 * 4 * 128 * 128 * 4
+
+
+def test_eval_max_new_tokens_above_the_generation_limit_is_refused_before_training():
+    from flows.config import load_config
+    from flows.preflight import check_generation
+
+    cfg = load_config(overrides=["eval.max_new_tokens=5000", "model.block_size=128"])
+    with pytest.raises(UserError, match=r"eval\.max_new_tokens: 5000 is above the generation limit of 1024"):
+        check_generation(cfg)
+    check_generation(load_config(overrides=["eval.max_new_tokens=1024"]))  # at the limit: fine
