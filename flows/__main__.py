@@ -116,12 +116,16 @@ def cmd_run(args) -> int:
 
     # Checked above before Prefect is even imported; only now does the run's console go quiet (the
     # libraries' output to <workdir>/logs) unless --debug.
-    with contextlib.nullcontext() if args.debug else quiet_console():
-        log_to(cfg.workdir_path)  # says where the libraries' output goes (inside a quiet run)
-        _start_temporary_prefect_server()
-        # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI) stays
-        # as given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes a parameter.
-        reg = training_pipeline_flow(config=given)
+    try:
+        with contextlib.nullcontext() if args.debug else quiet_console():
+            log_to(cfg.workdir_path)  # says where the libraries' output goes (inside a quiet run)
+            _start_temporary_prefect_server()
+            # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI)
+            # stays as given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes one.
+            reg = training_pipeline_flow(config=given)
+    finally:
+        if not args.debug:  # Prefect stops its temporary server at exit, after the quiet console: not news
+            logging.getLogger("prefect").setLevel(logging.WARNING)
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
     print(f"  also as models:/{reg.model_name}@challenger")
     print(mlflow_ui_line(cfg.tracking_uri()))
