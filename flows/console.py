@@ -225,6 +225,7 @@ def quiet_console():
 
     ensure_logging_setup()
     root = logging.getLogger()
+    saved_handlers = list(root.handlers)  # restored as they were, in their order
     removed = [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
     added = [_SinkHandler(console.sink), _ConsoleHandler(real_out, real_err)]
     for handler in removed:
@@ -246,10 +247,8 @@ def quiet_console():
         out.drain()
         err.drain()
         sys.stdout, sys.stderr = real_out, real_err
-        for handler in added:
-            root.removeHandler(handler)
-        for handler in removed:
-            root.addHandler(handler)
+        root.handlers[:] = [h for h in saved_handlers if h in root.handlers or h in removed] + [
+            h for h in root.handlers if h not in saved_handlers and h not in added]
         console.sink.close()
         for key, value in previous_env.items():
             if value is None:
