@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -43,8 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-pip when the cluster's image already holds the project")
     submit.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     _add_generate_parser(sub)
+    _add_export_parser(sub)
     _add_serve_parser(sub)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    exp = sub.add_parser("export", help="write a registered model in the Hugging Face format (transformers "
+                         "loads it with no custom code)")
+    exp.add_argument("--model-uri", default="models:/attention-transformer@champion",
+                     help="registered model URI (default: %(default)s)")
+    exp.add_argument("--format", choices=["hf"], default="hf", help="hf: config.json, model.safetensors and a "
+                     "fast tokenizer, as GPT-2, Llama or Qwen3 (default)")
+    exp.add_argument("--out", required=True, metavar="DIR", help="directory to write (replaced if it exists)")
+    exp.add_argument("--check-text", metavar="TEXT", help="also load DIR with transformers (the hf extra) and "
+                     "compare its logits and greedy tokens with the model's on TEXT")
+    exp.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the "
+                     "SQLite store in the workdir of --config/--set, as `run` uses)")
+    _add_config_args(exp)
+    exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
 
 def _add_generate_parser(sub) -> None:
@@ -157,6 +175,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    import tempfile
+
+    from flows.hf_export import check_against_transformers, export_hf
+    from flows.registry.loading import download_model_pack, user_facing_errors
+
+    uri = args.tracking_uri or _load_config(args).tracking_uri()
+    with tempfile.TemporaryDirectory() as tmp, user_facing_errors(uri, args.model_uri):
+        model, tokenizer = download_model_pack(uri, args.model_uri, tmp)
+    out = export_hf(model, tokenizer, args.out)
+    print(f"{args.model_uri} -> {out} ({json.loads((out / 'config.json').read_text())['architectures'][0]})")
+    if args.check_text:
+        report = check_against_transformers(out, model, tokenizer, args.check_text)
+        print("checked with transformers: " + ", ".join(f"{k} {v}" for k, v in report.items()))
+        if not (report["max_abs_logit_diff"] <= 1e-4 and report["tokens_equal"] and report["greedy_equal"]):
+            print("error: the export does not reproduce the model", file=sys.stderr)
+            return 1
+    return 0
+
+
 def cmd_serve(args) -> int:
     from flows.config import apply_overrides, validate_config
     from flows.pipeline import nightly_deployment, serve_nightly
@@ -201,7 +239,8 @@ def _hide_user_error_tracebacks() -> None:
         logging.getLogger(name).addFilter(_NoUserErrorTracebacks())
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "generate": cmd_generate, "serve": cmd_serve}
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "generate": cmd_generate, "export": cmd_export,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ MLflow's global tracking or registry URI. What is downloaded is then a plain art
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import warnings
@@ -78,6 +79,22 @@ def pack_is_complete(tracking_uri: str, model_uri: str) -> bool:
     return {WEIGHTS, CONFIG, TOKENIZER} <= {Path(f.path).name for f in listed or []}
 
 
+@contextlib.contextmanager
+def user_facing_errors(tracking_uri: str, model_uri: str):
+    """A store without the model (or no store at all) as one UserError naming --model-uri and the store."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.errors import UserError
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow store at {tracking_uri}: run the pipeline first, or pass --tracking-uri")
+    try:
+        yield
+    except MlflowException as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(mask_uri(f"--model-uri: cannot load {model_uri} from {tracking_uri}: {reason}")) from None
+
+
 def download_model_pack(tracking_uri: str, model_uri: str, dst: str | Path, device: str = "cpu"):
     """(model, tokenizer) of a registered model, read from its pyfunc's model_pack artifact only."""
     from flows.modelpack import load_model_pack
@@ -100,10 +117,8 @@ def generate(model_uri: str, prompt: str, *, tracking_uri: str, max_new_tokens: 
     from flows.modelpack import CONFIG, check_sampling, default_max_new_tokens_limit
 
     check_sampling(max_new_tokens, temperature, top_k, seed, limit=max_new_tokens_limit)
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no MLflow store at {tracking_uri}: run the pipeline first, or pass --tracking-uri")
     with tempfile.TemporaryDirectory() as tmp:
-        try:
+        with user_facing_errors(tracking_uri, model_uri):
             local = download_model(tracking_uri, model_uri, tmp)
             if max_new_tokens_limit is None:  # the model's own limit, known from its config alone
                 config = json.loads((local / "artifacts" / PACK / CONFIG).read_text())
@@ -111,9 +126,6 @@ def generate(model_uri: str, prompt: str, *, tracking_uri: str, max_new_tokens: 
                                limit=default_max_new_tokens_limit(config["block_size"]))
             model_config = None if max_new_tokens_limit is None else {"max_new_tokens_limit": max_new_tokens_limit}
             model = mlflow.pyfunc.load_model(str(local), model_config=model_config)
-        except MlflowException as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(mask_uri(f"--model-uri: cannot load {model_uri} from {tracking_uri}: {reason}")) from None
         params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
         try:
             return model.predict([prompt], params=params)[0]

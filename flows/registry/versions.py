@@ -77,6 +77,7 @@ def log_pyfunc(client, run_id: str, pack_dir: str | Path, example_prompt: str):
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.models import Model
 
+    from flows.hf_export import HF_DIR, export_pack_hf
     from flows.registry.pyfunc import save_pyfunc
 
     run = client.get_run(run_id)
@@ -89,7 +90,9 @@ def log_pyfunc(client, run_id: str, pack_dir: str | Path, example_prompt: str):
                      model_id=model.model_id)
         with tempfile.TemporaryDirectory() as tmp:
             local = save_pyfunc(pack_dir, Path(tmp) / MODEL, example_prompt, mlflow_model=meta)
+            hf_tags = export_pack_hf(pack_dir, local / HF_DIR)  # transformers-loadable, beside the pyfunc
             client.log_model_artifacts(model.model_id, str(local))
+        client.set_logged_model_tags(model.model_id, hf_tags)
     except Exception:
         client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)  # never found again
         raise
@@ -137,6 +140,7 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
             pack = export_model_pack(checkpoint_path, data.path, Path(tmp) / "model_pack")
             model = log_pyfunc(client, run_id, pack, example)
         on_step(MODEL_LOGGED)
+    tags.update({k: v for k, v in model.tags.items() if k.startswith("hf.")})
     ensure_registered_model(client, name)
     version = client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags,
                                           model_id=model.model_id)

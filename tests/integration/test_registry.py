@@ -201,3 +201,41 @@ def test_prepare_dataset_is_cached_across_flow_runs_until_its_directory_is_gone(
     corpus.write_text("different content entirely, repeated\n" * 100)
     name5, data5 = run()
     assert name5 == "Completed" and data5.fingerprint != data1.fingerprint
+
+
+def test_each_version_carries_a_transformers_loadable_export_and_flows_export_writes_one(pipeline_run, tmp_path):
+    """The registered version's `hf/` folder (what `mlflow artifacts download` gives) and `flows export`
+    from the registry both load in transformers' stock GPT-2 class and compute the registered model's logits."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra is part of the dev extras")
+    import mlflow.artifacts
+    import torch
+
+    from flows.__main__ import main
+    from flows.registry.loading import download_model_pack
+
+    cfg, flow_run_id, reg, client, run = pipeline_run
+    version = client.get_model_version(reg.model_name, reg.version)
+    assert version.tags["hf.export"] == "hf/" and version.tags["hf.architecture"] == "GPT2LMHeadModel"
+    downloaded = mlflow.artifacts.download_artifacts(artifact_uri=f"{client.get_model_version_download_uri(reg.model_name, reg.version)}/hf",
+                                                     dst_path=str(tmp_path / "dl"), tracking_uri=cfg.tracking_uri())
+    code = main(["export", "--model-uri", reg.model_uri, "--format", "hf", "--out", str(tmp_path / "cli"),
+                 "--tracking-uri", cfg.tracking_uri(), "--check-text", "def f(x):\n    return x\n"])
+    assert code == 0
+    model, tokenizer = download_model_pack(cfg.tracking_uri(), reg.model_uri, tmp_path / "pack")
+    ids = torch.tensor([tokenizer.encode("import os\nclass A:\n")])
+    for directory in (downloaded, tmp_path / "cli"):
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(directory))
+        assert type(theirs).__name__ == "GPT2LMHeadModel"
+        with torch.no_grad():
+            assert (theirs(ids).logits - model(ids)[0]).abs().max() <= 1e-4
+
+
+def test_export_of_a_missing_model_is_one_line_exit_2(pipeline_run, tmp_path, capsys):
+    from flows.__main__ import main
+
+    cfg, *_ = pipeline_run
+    code = main(["export", "--model-uri", "models:/no-such-model@champion", "--out", str(tmp_path / "x"),
+                 "--tracking-uri", cfg.tracking_uri()])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "no-such-model" in err, err
+    assert not (tmp_path / "x").exists()
