@@ -159,6 +159,7 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     """Log and register the pyfunc once per run, run the champion gate, publish the run's summary
     (`on_step(point)` after each registration step: fault tests only)."""
     from flows.registry import log_model_version
+    from flows.registry.card import publish_model_card
     from flows.registry.gate import gate_exclusively
 
     print(f"register_model: {cfg.registry.model_name}, champion gate")
@@ -167,6 +168,7 @@ def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
         version = log_model_version(cfg, uri, run_id, checkpoint_path=checkpoint, data=data, result=result,
                                     on_step=on_step)
     reg = gate_exclusively(cfg, uri, version, data=data, result=result, on_step=on_step)  # one gate at a time
+    publish_model_card(uri, reg, result, data)  # model_card.md, and its gist as the version's description
     _publish_summary(reg, result, uri, _lineage(data, trained))
     print(f"register_model: version {reg.version}, {reg.decision}")
     return reg

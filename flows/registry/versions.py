@@ -42,7 +42,7 @@ def existing_version(client, name: str, run_id: str):
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def _logged_model(client, run_id: str):
+def logged_model_of(client, run_id: str):
     """The model an earlier attempt logged to this run and finished uploading, if any."""
     from mlflow.entities import LoggedModelStatus
     from mlflow.exceptions import MlflowException
@@ -133,7 +133,7 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
             TOKENIZER_DIGEST: tokenizer_digest(data), EVAL_BPB: str(result.bits_per_byte),
             "eval.val_loss": str(result.val_loss), "eval.perplexity": str(result.perplexity),
             "eval.block_size": str(result.block_size)}
-    model = _logged_model(client, run_id)
+    model = logged_model_of(client, run_id)
     if model is None:
         example = cfg.eval.prompts[0] if cfg.eval.prompts else ""
         with tempfile.TemporaryDirectory() as tmp:

@@ -239,3 +239,27 @@ def test_export_of_a_missing_model_is_one_line_exit_2(pipeline_run, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "no-such-model" in err, err
     assert not (tmp_path / "x").exists()
+
+
+def test_each_version_has_a_model_card_and_its_gist_as_description(pipeline_run, tmp_path):
+    """model_card.md beside the version's model (and as hf/README.md) says what the model is, how it was
+    trained, how good it is, what the gate decided and where it came from; the version's description,
+    which the MLflow UI shows, is its gist."""
+    import mlflow.artifacts
+
+    cfg, flow_run_id, reg, client, run = pipeline_run
+    version = client.get_model_version(reg.model_name, reg.version)
+    root = client.get_model_version_download_uri(reg.model_name, reg.version)
+    card = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/model_card.md", dst_path=str(tmp_path / "a"),
+                                                    tracking_uri=cfg.tracking_uri())).read_text()
+    readme = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/hf/README.md", dst_path=str(tmp_path / "b"),
+                                                      tracking_uri=cfg.tracking_uri())).read_text()
+    assert readme == card
+    for heading in ("## Data", "## Model", "## Training", "## Evaluation", "## Champion gate", "## Lineage",
+                    "## Intended use", "## Limitations"):
+        assert heading in card
+    assert run.data.tags["data.fingerprint"] in card and f"`{flow_run_id}`" in card
+    assert run.data.tags["ray.run_name"] in card and f"{reg.decision}" in card
+    assert f"{float(run.data.metrics['eval_bits_per_byte']):.4f}" in card
+    assert "1 layers × 32 dims" in card and "GPT2LMHeadModel" in card
+    assert version.description.startswith(f"**{reg.decision}**") and "model_card.md" in version.description
