@@ -65,8 +65,9 @@ def _run_tags() -> dict[str, str]:
     tags = {"prefect.flow_run_name": str(flow_run.name), "prefect.flow_name": str(flow_run.flow_name)}
     if deployment.id:
         tags.update({"prefect.deployment_id": str(deployment.id), "prefect.deployment_name": str(deployment.name)})
-    if flow_run.ui_url:
-        tags["prefect.flow_run_url"] = str(flow_run.ui_url)
+    url = flow_run.ui_url  # "None/flow-runs/..." when no UI URL is configured (a temporary server)
+    if url and url.startswith(("http://", "https://")):
+        tags["prefect.flow_run_url"] = url
     return {**tags, **git_tags(), **library_versions()}
 
 

@@ -71,6 +71,8 @@ def test_one_mlflow_run_carries_the_lineage(pipeline_run):
     assert tags["prefect.flow_run_id"] == str(flow_run_id)
     assert tags["prefect.flow_run_name"] == run.info.run_name
     assert "prefect.deployment_id" not in tags  # run from the CLI/test, not from a deployment
+    # a temporary Prefect server has no UI URL: no tag rather than "None/flow-runs/flow-run/<id>"
+    assert tags.get("prefect.flow_run_url", "http://").startswith(("http://", "https://")), tags
     assert tags["ray.run_name"] == f"train-{flow_run_id}"
     assert tags["ray.storage_path"] == cfg.storage_path()
     assert Path(tags["ray.checkpoint_path"]).is_dir()
