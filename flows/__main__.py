@@ -146,18 +146,24 @@ def cmd_run(args) -> int:
             logging.getLogger("prefect").setLevel(logging.WARNING)
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
     print(f"  also as models:/{reg.model_name}@challenger")
-    print(mlflow_ui_line(cfg.tracking_uri()))
+    print(mlflow_ui_line(cfg.tracking_uri(), reg.experiment_id))
     return 0
 
 
-def mlflow_ui_line(tracking_uri: str) -> str:
-    """Where to see the run: the tracking server itself, else an `mlflow ui` on the store; credentials masked."""
+def mlflow_ui_line(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """Where to see the run: the tracking server itself, else an `mlflow ui` on the store; credentials
+    masked. With the experiment, the page to open: its runs in the UI's model-training view (MLflow 3
+    otherwise opens in its GenAI view of traces and prompts)."""
     from flows.masking import mask_uri
 
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow UI: {mask_uri(tracking_uri)}"
+    local = not tracking_uri.startswith(("http://", "https://"))
+    base = "http://127.0.0.1:5000" if local else mask_uri(tracking_uri).rstrip("/")
+    page = f", then open {base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" \
+        if experiment_id else ""
+    if not local:
+        return f"MLflow UI: {base}" + page.replace(", then open", ";")
     return (f"MLflow UI for this store:  mlflow ui --backend-store-uri {mask_uri(tracking_uri)} "
-            "--host 127.0.0.1 --port 5000")
+            f"--host 127.0.0.1 --port 5000{page}")
 
 
 def cmd_generate(args) -> int:

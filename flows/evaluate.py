@@ -25,6 +25,7 @@ from flows.data import PreparedData
 from flows.errors import UserError
 
 ATTENTION_TOKENS = 24  # tokens on each axis of the attention heatmaps: more are unreadable
+PROMPT_CHARS = 24  # the longest prompt taken from the validation split when eval.prompts is not set
 
 
 class EvalResult(BaseModel):
@@ -39,8 +40,11 @@ class EvalResult(BaseModel):
 
     def metrics(self) -> dict[str, float]:
         return {"eval_val_loss": self.val_loss, "eval_perplexity": self.perplexity,
-                "eval_bits_per_byte": self.bits_per_byte, "eval_tokens": float(self.tokens),
-                "eval_bytes": float(self.bytes)}
+                "eval_bits_per_byte": self.bits_per_byte}
+
+    def tags(self) -> dict[str, str]:
+        """How much was scored: bookkeeping, kept out of the metrics (and so out of the UI's charts)."""
+        return {"eval.tokens": str(self.tokens), "eval.bytes": str(self.bytes), "eval.windows": str(self.windows)}
 
 
 class SplitScore(BaseModel):
@@ -111,6 +115,23 @@ def check_finite(score: SplitScore) -> None:
                         "weights diverged; retrain with a lower train.lr (or train.grad_clip on)")
 
 
+def prompts_from_split(tokens, tokenizer, n: int = 3, chars: int = PROMPT_CHARS) -> list[str]:
+    """n prompts from the validation split: the start of the first line at or after 0%, 33%, 66% of it,
+    at most `chars` characters, cut after a word. Decoded from the split, so a char model knows them."""
+    prompts = []
+    for i in range(n):
+        start = len(tokens) * i // n
+        text = tokenizer.decode(np.asarray(tokens[start: start + 64 * chars]).tolist())
+        cut = text.find("\n")
+        line = text[cut + 1:] if 0 <= cut < len(text) - 1 else text
+        line = line.split("\n", 1)[0] or line[:chars]
+        if len(line) > chars:
+            line = line[:chars].rsplit(" ", 1)[0] + " " if " " in line[:chars] else line[:chars]
+        if line.strip() and line not in prompts:
+            prompts.append(line)
+    return prompts or [tokenizer.decode(np.asarray(tokens[:8]).tolist())]
+
+
 def evaluate_pack(model, tokenizer, data: PreparedData, cfg: PipelineConfig) -> EvalResult:
     """Score the whole validation split (or its first eval.max_tokens) and sample every prompt."""
     from flows.modelpack import generate_text
@@ -118,12 +139,13 @@ def evaluate_pack(model, tokenizer, data: PreparedData, cfg: PipelineConfig) -> 
     score = score_split(model, tokenizer, data.tokens("val"), block_size=model.config.block_size,
                         batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens)
     check_finite(score)
-    texts = generate_text(model, tokenizer, cfg.eval.prompts, max_new_tokens=cfg.eval.max_new_tokens,
+    prompts = cfg.eval.prompts if cfg.eval.prompts is not None else prompts_from_split(data.tokens("val"), tokenizer)
+    texts = generate_text(model, tokenizer, prompts, max_new_tokens=cfg.eval.max_new_tokens,
                           temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, seed=cfg.eval.seed)
     return EvalResult(val_loss=score.val_loss, perplexity=math.exp(min(score.val_loss, 50.0)),
                       bits_per_byte=score.bits_per_byte, tokens=score.tokens, bytes=score.bytes,
                       windows=score.windows, block_size=score.block_size,
-                      samples=[{"prompt": p, "completion": t} for p, t in zip(cfg.eval.prompts, texts)])
+                      samples=[{"prompt": p, "completion": t} for p, t in zip(prompts, texts)])
 
 
 def attention_example(model, tokenizer, text: str, max_tokens: int = ATTENTION_TOKENS):
@@ -139,7 +161,7 @@ def eval_device(cfg: PipelineConfig) -> str:
     return "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
 
 
-def evaluate_checkpoint(checkpoint_path: str, data: PreparedData, cfg: PipelineConfig):
+def evaluate_checkpoint(checkpoint_path: str, data: PreparedData, cfg: PipelineConfig, run_name: str = ""):
     """(EvalResult, attention heatmap figure) for a Ray Train checkpoint of this dataset."""
     from flows.figures import attention_heatmaps_figure
     from flows.modelpack import export_model_pack, load_model_pack
@@ -153,5 +175,7 @@ def evaluate_checkpoint(checkpoint_path: str, data: PreparedData, cfg: PipelineC
     else:
         text = tokenizer.decode(np.asarray(data.tokens("val")[:ATTENTION_TOKENS]).tolist())
     maps, labels = attention_example(model, tokenizer, text)
-    figure = attention_heatmaps_figure(maps, labels, title="attention on the first prompt and its sample")
+    title = f"{run_name}: attention on the first prompt and its sample" if run_name else \
+        "attention on the first prompt and its sample"
+    figure = attention_heatmaps_figure(maps, labels, title=title)
     return result, figure

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 # Whitespace drawn as visible marks, so a heatmap's axes show where spaces and newlines are.
@@ -21,6 +22,12 @@ def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def figure_pixels(fig: Figure) -> np.ndarray:
+    """The figure rendered as an RGB array (H, W, 3) of uint8, what MLflow's `log_image` takes."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
 def token_label(text: str, max_chars: int = 8) -> str:
@@ -55,22 +62,27 @@ def attention_heatmaps_figure(maps: np.ndarray, tokens: Sequence[str], title: st
     n_layer, n_head, T, _ = maps.shape
     if len(tokens) != T:
         raise ValueError(f"tokens: expected {T} labels, got {len(tokens)}")
-    cell = max(2.2, 0.22 * T)
-    fig = _figure(cell * n_head + 1.0, cell * n_layer + 0.6)
+    cell = max(3.0, 0.3 * T)
+    fig = _figure(cell * n_head + 1.2, cell * n_layer + 0.8)
     axes = fig.subplots(n_layer, n_head, squeeze=False)
     labels = [token_label(t) for t in tokens]
+    # Single characters read best upright; longer tokens are turned so they do not overlap.
+    rotation = 0 if max((len(label) for label in labels), default=1) <= 2 else 90
+    # A square-root scale: a causal head's first rows put all their weight on the few keys there are,
+    # which on a linear scale leaves every other cell dark.
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)
     image = None
     for layer in range(n_layer):
         for head in range(n_head):
             ax = axes[layer][head]
-            image = ax.imshow(maps[layer, head], vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
-            ax.set_xticks(range(T), labels, rotation=90, fontsize=7)
-            ax.set_yticks(range(T), labels, fontsize=7)
-            ax.set_title(f"layer {layer} · head {head}", fontsize=9)
+            image = ax.imshow(maps[layer, head], norm=norm, cmap="magma", interpolation="nearest")
+            ax.set_xticks(range(T), labels, rotation=rotation, fontsize=10, fontfamily="DejaVu Sans Mono")
+            ax.set_yticks(range(T), labels, fontsize=10, fontfamily="DejaVu Sans Mono")
+            ax.set_title(f"layer {layer} · head {head}", fontsize=11)
             if head == 0:
                 ax.set_ylabel("query")
             if layer == n_layer - 1:
                 ax.set_xlabel("key")
-    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (square-root scale)")
     fig.suptitle(title)
     return fig

@@ -131,12 +131,14 @@ def evaluate_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainR
     """Validation loss, perplexity, bits per byte, samples and figures, logged once to the flow's MLflow run."""
     from flows.evaluate import evaluate_checkpoint
     from flows.registry import log_evaluation, set_run_tags
+    from flows.registry.tracking import log_dataset_input
 
     print("evaluate_model: validation loss, bits per byte, samples")
     uri, run_id = _mlflow_run(cfg)
     set_run_tags(uri, run_id, _lineage(data, trained))
+    log_dataset_input(uri, run_id, data, cfg.data.source)
     with local_checkpoint(trained) as checkpoint:  # downloaded when storage_path is an object store
-        result, attention = evaluate_checkpoint(checkpoint, data, cfg)
+        result, attention = evaluate_checkpoint(checkpoint, data, cfg, run_name=str(flow_run.name or ""))
     log_evaluation(uri, run_id, result, figures={"attention_heatmaps.png": attention})
     print(f"evaluate_model: val loss {result.val_loss:.4f}, bits per byte {result.bits_per_byte:.4f}")
     return result

@@ -205,6 +205,7 @@ def check_generation(cfg: PipelineConfig, ram: int | None = None) -> int:
     """Refuse eval.max_new_tokens whose KV cache cannot fit this machine (evaluation samples here, on
     the CPU or one GPU). With learned positions the cache holds block_size positions at most; RoPE
     keeps every one. Returns the cache's bytes (fp32, one prompt at a time)."""
+    from flows.evaluate import PROMPT_CHARS
     from flows.modelpack import default_max_new_tokens_limit
 
     m, ev = cfg.model, cfg.eval
@@ -212,7 +213,7 @@ def check_generation(cfg: PipelineConfig, ram: int | None = None) -> int:
     if ev.max_new_tokens > cap:
         raise UserError(f"eval.max_new_tokens: {ev.max_new_tokens} is above the generation limit of {cap} new "
                         f"tokens (the larger of model.block_size={m.block_size} and 1024)")
-    positions = max((len(p.encode()) for p in ev.prompts), default=1) + ev.max_new_tokens
+    positions = max((len(p.encode()) for p in ev.prompts or []), default=PROMPT_CHARS) + ev.max_new_tokens
     if m.pos == "learned":
         positions = min(positions, m.block_size)
     kept = "model.pos=rope keeps every position" if m.pos == "rope" else f"model.block_size={m.block_size} positions"

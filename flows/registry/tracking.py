@@ -17,10 +17,13 @@ from pathlib import Path
 
 from flows.config import PipelineConfig
 from flows.evaluate import EvalResult
-from flows.masking import mask_values
+from flows.masking import mask_uri, mask_values
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 SAMPLES_TABLE = "samples.json"
+# The MLflow UI opens an experiment of this kind in its model-training view (runs, charts, models), not
+# in the GenAI view (traces, judges, prompts) that MLflow 3 shows by default.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -97,6 +100,61 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def run_params(cfg: PipelineConfig) -> dict[str, str]:
+    """The whole config flattened, less what would mislead: model.vocab_size is unset until the tokenizer
+    is known (the evaluation logs the real one), data.vocab_size is only the bpe tokenizer's target."""
+    params = flatten(cfg.model_dump(mode="json"))
+    params.pop("model.vocab_size", None)
+    if cfg.data.tokenizer != "bpe":
+        params.pop("data.vocab_size", None)
+    return params
+
+
+def changed_settings(cfg: PipelineConfig) -> dict[str, str]:
+    """The config keys whose values differ from the defaults (what tells this run from another)."""
+    defaults = flatten(PipelineConfig().model_dump(mode="json"))
+    return {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if defaults.get(k) != v and k != "workdir"}
+
+
+def run_description(cfg: PipelineConfig) -> str:
+    """The run's description in the MLflow UI: what it trains on, and what was set differently."""
+    m, t = cfg.model, cfg.train
+    changed = ", ".join(f"`{k}={v}`" for k, v in mask_values(changed_settings(cfg)).items()) or "none"
+    return mask_uri(f"{m.n_layer}x{m.n_embd} {m.pos}/{m.norm}/{m.mlp} transformer, {t.max_steps} steps at "
+                    f"lr {t.lr:g} on `{cfg.data.source}` ({cfg.data.tokenizer} tokenizer).\n\n"
+                    f"Settings that differ from the defaults: {changed}.")[:5000]
+
+
+def created_by() -> dict[str, str]:
+    """MLflow's own tags for the UI's "Created by" and "Source" columns."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {"mlflow.user": user, "mlflow.source.name": "attention-pipeline (python -m flows)",
+            "mlflow.source.type": "LOCAL"}
+
+
+def log_dataset_input(tracking_uri: str, run_id: str, data, source: str) -> None:
+    """The prepared dataset as the run's input (the UI's "Datasets used"), once: name, fingerprint as
+    digest, where it came from, and its size."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Param
+
+    client = mlflow_client(tracking_uri)
+    client.log_batch(run_id, params=[Param("model.vocab_size", str(data.vocab_size))])  # the tokenizer's real one
+    if any(i.dataset.digest == data.fingerprint for i in client.get_run(run_id).inputs.dataset_inputs):
+        return
+    profile = {"train_tokens": data.train_tokens, "val_tokens": data.val_tokens, "tokenizer": data.tokenizer,
+               "vocab_size": data.vocab_size, "train_documents": data.train_documents,
+               "val_documents": data.val_documents}
+    dataset = Dataset(name=Path(source.rstrip("/")).name or source, digest=data.fingerprint,
+                      source_type="hf" if source.startswith("hf:") else "local",
+                      source=json.dumps({"uri": mask_uri(source)}), profile=json.dumps(profile))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
+
+
 # --------------------------------------------------------------------------------------- lineage
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
@@ -152,7 +210,8 @@ def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
     if exp is None:
         try:
             exp_id = client.create_experiment(cfg.registry.experiment,
-                                              artifact_location=_local_artifact_location(tracking_uri))
+                                              artifact_location=_local_artifact_location(tracking_uri),
+                                              tags={EXPERIMENT_KIND: MODEL_TRAINING})
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -161,9 +220,11 @@ def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
         exp_id = exp.experiment_id
     if (run_id := _find_run(client, exp_id, flow_run_id)) is not None:
         return run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={FLOW_RUN_TAG: flow_run_id, **mask_values(tags or {})})
+    tags = {FLOW_RUN_TAG: flow_run_id, **created_by(), "mlflow.note.content": run_description(cfg),
+            **mask_values(tags or {})}
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     # Params are shown to anyone who can read the experiment: a URI's credentials are masked.
-    params = [Param(k, v[:6000]) for k, v in mask_values(flatten(cfg.model_dump(mode="json"))).items()]
+    params = [Param(k, v[:6000]) for k, v in mask_values(run_params(cfg)).items()]
     for i in range(0, len(params), 100):  # log_batch takes at most 100 params
         client.log_batch(run.info.run_id, params=params[i: i + 100])
     return run.info.run_id
@@ -194,22 +255,30 @@ def metric_points(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def log_evaluation(tracking_uri: str, run_id: str, result: EvalResult, figures: dict | None = None) -> None:
     """Log metrics, the samples table and figures once: a retry re-logs nothing that is there already."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
 
-    from flows.figures import loss_curves_figure
+    from flows.figures import figure_pixels, loss_curves_figure
 
     client = mlflow_client(tracking_uri)
     if "eval_bits_per_byte" in client.get_run(run_id).data.metrics:
         return  # the metrics go last, so an earlier attempt logged everything
     figures = dict(figures or {})
+    run_name = client.get_run(run_id).info.run_name
     figures["loss_curves.png"] = loss_curves_figure(metric_points(client, run_id, "train_loss"),
                                                     metric_points(client, run_id, "val_loss"),
-                                                    title="loss (train: sampled batches; val: fixed batches)")
+                                                    title=f"{run_name}: loss (train: sampled batches; val: fixed batches)")
+    logged_images = {Path(a.path).name for a in client.list_artifacts(run_id, "images")}
     for name, fig in figures.items():
         client.log_figure(run_id, fig, f"figures/{name}")  # same path on a retry: replaced, not added
+        key = Path(name).stem
+        # also as an image by key, which the chart view and the compare view show side by side
+        # (the compare view's artifact pane skips files in folders); an earlier attempt's stays
+        if not any(image.startswith(f"{key}%") for image in logged_images):
+            client.log_image(run_id, figure_pixels(fig), key=key, step=0)
     if SAMPLES_TABLE not in {a.path for a in client.list_artifacts(run_id)}:  # log_table appends
         client.log_table(run_id, data={"prompt": [s["prompt"] for s in result.samples],
                                        "completion": [s["completion"] for s in result.samples]},
                          artifact_file=SAMPLES_TABLE)
     ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in result.metrics().items()])
+    client.log_batch(run_id, metrics=[Metric(k, v, ts, 0) for k, v in result.metrics().items()],
+                     tags=[RunTag(k, v) for k, v in result.tags().items()])

@@ -23,7 +23,7 @@ from flows.data import PreparedData
 from flows.evaluate import EvalResult
 from flows.registry.tracking import does_not_exist, mlflow_client, quoted
 
-MODEL = "model"  # the logged model's name in its run
+MODEL = "model"  # the pyfunc's folder in the logged model's artifacts
 # What registration has just done, in order; `on_step(point)` is called right after each one that was
 # really done (not found done by an earlier attempt), so a test can fail there and count.
 MODEL_LOGGED, VERSION_CREATED = "model logged", "version created"
@@ -50,8 +50,7 @@ def logged_model_of(client, run_id: str):
     run = client.get_run(run_id)
     try:
         found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                            filter_string=f"source_run_id = {quoted(run_id, double_quotes=False)} "
-                                                          f"AND name = {quoted(MODEL, double_quotes=False)}")
+                                            filter_string=f"source_run_id = {quoted(run_id, double_quotes=False)}")
     except MlflowException as err:
         if err.error_code not in ("ENDPOINT_NOT_FOUND", "NOT_IMPLEMENTED"):
             raise
@@ -81,7 +80,8 @@ def log_pyfunc(client, run_id: str, pack_dir: str | Path, example_prompt: str):
     from flows.registry.pyfunc import save_pyfunc
 
     run = client.get_run(run_id)
-    model = client.create_logged_model(run.info.experiment_id, name=MODEL, source_run_id=run_id,
+    # named after its run, so the experiment's models are told apart (MLflow names them all "model")
+    model = client.create_logged_model(run.info.experiment_id, name=run.info.run_name or MODEL, source_run_id=run_id,
                                        params=dict(run.data.params))  # log_model copies them, too
     try:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
@@ -135,7 +135,7 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
             "eval.block_size": str(result.block_size)}
     model = logged_model_of(client, run_id)
     if model is None:
-        example = cfg.eval.prompts[0] if cfg.eval.prompts else ""
+        example = result.samples[0]["prompt"] if result.samples else ""
         with tempfile.TemporaryDirectory() as tmp:
             pack = export_model_pack(checkpoint_path, data.path, Path(tmp) / "model_pack")
             model = log_pyfunc(client, run_id, pack, example)

@@ -106,3 +106,20 @@ def test_attention_example_is_a_layer_head_grid_of_causal_maps(setup):
     assert labels == list("the qu")
     assert np.allclose(maps.sum(-1), 1.0, atol=1e-5)
     assert np.allclose(np.triu(maps, k=1), 0.0)
+
+
+def test_default_prompts_come_from_the_validation_split_not_from_python():
+    """Without eval.prompts, the samples continue lines of the corpus itself (a Shakespeare model is not
+    asked to continue 'def '), each a line's start, inside a char model's vocabulary by construction."""
+    import numpy as np
+
+    from flows.evaluate import prompts_from_split
+    from flows.tokenizer import CharTokenizer
+
+    text = "".join(f"ROMEO{i}:\nSoft {i}, what light through yonder window breaks?\n" for i in range(60))
+    tok = CharTokenizer.train([text])
+    prompts = prompts_from_split(np.array(tok.encode(text)), tok)
+    assert len(prompts) == 3 and len(set(prompts)) == 3
+    for p in prompts:
+        assert p in text and "\n" not in p and len(p) <= 24 and not p.startswith("def")
+        assert tok.encode(p)  # encodable

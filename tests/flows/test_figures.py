@@ -58,3 +58,28 @@ def test_figures_draw_on_the_agg_canvas_without_pyplot():
     fig = loss_curves_figure([(1, 1.0)], [])
     assert fig.canvas.__class__.__name__ == "FigureCanvasAgg"
     assert not hasattr(fig, "number")  # pyplot gives its figures a number; ours are never registered there
+
+
+def test_heatmaps_are_readable_upright_labels_a_square_root_scale_and_large_ticks():
+    """Single characters stay upright (a rotated '␣' reads as 'u'), ticks are at least 10 points, and the
+    colour scale is not linear, so a map dominated by its first cell still shows the rest."""
+    maps = np.tril(np.full((1, 1, 4, 4), 0.1))
+    maps[0, 0, 0, 0] = 1.0
+    fig = attention_heatmaps_figure(maps, ["a", " ", "b", "\n"], title="run-1: attention")
+    (ax,) = [ax for ax in fig.axes if ax.images]
+    assert all(t.get_rotation() == 0 for t in ax.get_xticklabels())
+    assert min(t.get_fontsize() for t in ax.get_xticklabels()) >= 10
+    norm = ax.images[0].norm
+    assert norm(0.1) > 0.25  # linear would be 0.1: nearly black
+    assert fig.get_suptitle() == "run-1: attention"
+    long = attention_heatmaps_figure(maps, ["def", "main", "(", ")"])
+    (ax,) = [ax for ax in long.axes if ax.images]
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == {90}
+
+
+def test_figure_pixels_are_an_rgb_image():
+    from flows.figures import figure_pixels
+
+    pixels = figure_pixels(loss_curves_figure([(1, 1.0), (2, 0.5)], []))
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    assert pixels.shape[:2] == (400, 700) and pixels.std() > 0

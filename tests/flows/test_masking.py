@@ -69,3 +69,12 @@ def test_the_cli_error_for_an_unreachable_tracking_server_shows_no_password(tmp_
                                   "API request to http://***@127.0.0.1:9/api/"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "alice" not in proc.stdout + proc.stderr and "s3cr3t" not in proc.stdout + proc.stderr
+
+
+def test_the_cli_final_line_opens_the_experiment_in_the_model_training_view():
+    from flows.__main__ import mlflow_ui_line
+
+    line = mlflow_ui_line("sqlite:////tmp/wd/mlflow.db", "7")
+    assert line.endswith("then open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
+    assert mlflow_ui_line("http://h:5000", "7") == \
+        "MLflow UI: http://h:5000; http://h:5000/#/experiments/7/runs?workflowType=machine_learning"

@@ -80,6 +80,8 @@ def test_one_mlflow_run_carries_the_lineage(pipeline_run):
     assert {"versions.torch", "versions.ray", "versions.prefect", "versions.mlflow", "versions.python"} <= set(tags)
     if (Path(__file__).resolve().parents[2] / ".git").exists():
         assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+    # the MLflow UI opens the experiment in its model-training view, not the GenAI one
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([run.info.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
     assert len(runs) == 1
 
@@ -87,13 +89,20 @@ def test_one_mlflow_run_carries_the_lineage(pipeline_run):
 def test_evaluation_metrics_samples_and_figures(pipeline_run):
     cfg, _, reg, client, run = pipeline_run
     metrics = run.data.metrics
-    assert metrics["eval_bits_per_byte"] > 0 and metrics["eval_tokens"] == 4096
+    assert metrics["eval_bits_per_byte"] > 0 and run.data.tags["eval.tokens"] == "4096"
+    assert "eval_tokens" not in metrics and "eval_bytes" not in metrics  # bookkeeping: tags, not charts
     assert metrics["eval_perplexity"] == pytest.approx(2.718281828 ** metrics["eval_val_loss"], rel=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"samples.json", "figures/loss_curves.png", "figures/attention_heatmaps.png"} <= artifacts
     table = samples_table(client, run.info.run_id)
-    assert [row[0] for row in table["data"]] == cfg.eval.prompts and table["columns"] == ["prompt", "completion"]
+    assert table["columns"] == ["prompt", "completion"]
+    prompts = [row[0] for row in table["data"]]  # eval.prompts unset: lines of the validation split
+    assert cfg.eval.prompts is None and 1 <= len(prompts) <= 3 and all(p and "\n" not in p for p in prompts)
+    # the figures also as images by key, which the compare and chart views show side by side
+    images = [Path(a.path).name for a in client.list_artifacts(run.info.run_id, "images")]
+    for key in ("loss_curves", "attention_heatmaps"):
+        assert sum(name.startswith(f"{key}%") and name.endswith(".png") for name in images) == 1, images
 
 
 def test_registration_records_the_gate_and_publishes_prefect_artifacts(pipeline_run):
@@ -265,3 +274,23 @@ def test_each_version_has_a_model_card_and_its_gist_as_description(pipeline_run,
     assert f"{float(run.data.metrics['eval_bits_per_byte']):.4f}" in card
     assert "1 layers × 32 dims" in card and "GPT2LMHeadModel" in card
     assert version.description.startswith(f"**{reg.decision}**") and "model_card.md" in version.description
+
+
+def test_the_run_says_what_it_is_in_the_mlflow_ui(pipeline_run):
+    """What the UI shows beside the numbers: a description naming the settings that differ from the
+    defaults, who and what created the run, the dataset it used (fingerprint as digest), a logged model
+    named after its run, and the tokenizer's real vocabulary size instead of the bpe target."""
+    cfg, flow_run_id, reg, client, run = pipeline_run
+    run = client.get_run(run.info.run_id)  # after the evaluation and the registration
+    tags, params = run.data.tags, run.data.params
+    note = tags["mlflow.note.content"]
+    assert "Settings that differ from the defaults:" in note and "`train.max_steps=12`" in note
+    assert "workdir" not in note.split("defaults:")[1]
+    assert tags["mlflow.user"] and tags["mlflow.source.name"].startswith("attention-pipeline")
+    (dataset,) = [i.dataset for i in run.inputs.dataset_inputs]
+    assert dataset.digest == tags["data.fingerprint"] and '"train_tokens"' in dataset.profile
+    assert "data.vocab_size" not in params  # a char tokenizer has no target size
+    assert int(params["model.vocab_size"]) > 10
+    from flows.registry.versions import logged_model_of
+
+    assert logged_model_of(client, run.info.run_id).name == run.info.run_name
