@@ -102,7 +102,8 @@ def test_evaluation_metrics_samples_and_figures(pipeline_run):
     # the figures also as images by key, which the compare and chart views show side by side
     images = [Path(a.path).name for a in client.list_artifacts(run.info.run_id, "images")]
     for key in ("loss_curves", "attention_heatmaps"):
-        assert sum(name.startswith(f"{key}%") and name.endswith(".png") for name in images) == 1, images
+        assert sum(re.match(rf"{key}[+%]step[+%]0[+%]", name) is not None and name.endswith(".png")
+                   for name in images) == 1, images
 
 
 def test_registration_records_the_gate_and_publishes_prefect_artifacts(pipeline_run):
