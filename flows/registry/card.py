@@ -110,7 +110,7 @@ def gist(card: str) -> str:
     for heading in ("## Data", "## Model", "## Evaluation (whole validation split)"):
         i = lines.index(heading)
         block = [line for line in lines[i + 2: i + 6] if line.startswith(("- ", "| "))]
-        keep += ["", f"**{heading.removeprefix('## ')}**", *block]
+        keep += ["", f"**{heading.removeprefix('## ')}**", "", *block]  # a table needs the blank line
     return "\n".join(keep + ["", f"The whole card: `{CARD}` in this version's artifacts."])
 
 
