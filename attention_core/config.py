@@ -1,8 +1,8 @@
 """The model's configuration: one plain dataclass, validated when it is built.
 
 `ModelConfig` says everything needed to build a `Transformer`: sizes, the positional scheme,
-the normalisation and MLP flavours, grouped-query attention, and whether the model is a causal
-decoder or a bidirectional encoder. It is also the pipeline's `model` config section (litgpt's way:
+the normalisation and MLP flavours, grouped-query attention, the initialisation and logit
+soft-capping, and whether the model is a causal decoder or a bidirectional encoder. It is also the pipeline's `model` config section (litgpt's way:
 the model's own config is the YAML and CLI type), so each field carries its one-line docstring,
 and `vocab_size` may stay None until a tokenizer fills it in (`with_vocab`). Every mistake a user
 can make is raised as `ConfigError` (a `ValueError`) whose message starts with the name of the
@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 Position = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
-Mlp = Literal["gelu", "swiglu"]
+Mlp = Literal["gelu", "swiglu", "relu2"]
 AttnImpl = Literal["fused", "explicit"]
 # the allowed values, for checks and messages (typing.get_args without a call at import time)
 POSITIONS, NORMS, MLPS, ATTN_IMPLS = Position.__args__, Norm.__args__, Mlp.__args__, AttnImpl.__args__
@@ -50,9 +50,9 @@ class ModelConfig:
     norm: Norm = "layernorm"
     """Normalisation layer."""
     mlp: Mlp = "gelu"
-    """Feed-forward type."""
+    """Feed-forward type: gelu (GPT-2), swiglu (LLaMA) or relu2 (ReLU squared, modded-nanogpt)."""
     mlp_hidden: int | None = None
-    """MLP hidden width; None: 4*n_embd for gelu, ~8/3*n_embd (a multiple of 8) for swiglu."""
+    """MLP hidden width; None: 4*n_embd for gelu and relu2, ~8/3*n_embd (a multiple of 8) for swiglu."""
     qk_norm: bool = False
     """RMSNorm on each head's queries and keys before attention."""
     bias: bool = False
@@ -61,6 +61,10 @@ class ModelConfig:
     """Dropout probability, in [0, 1)."""
     tie_embeddings: bool = True
     """The output head shares its weight with the token embedding."""
+    zero_init_proj: bool = False
+    """Every block's two output projections start at zero, so each block starts as the identity."""
+    logit_softcap: float | None = None
+    """Cap logits smoothly at +-this (cap * tanh(logits / cap), Gemma 2); None: no cap."""
     causal: bool = True
     """True: decoder language model; False: bidirectional encoder."""
     attn_impl: AttnImpl = "fused"
@@ -90,7 +94,11 @@ class ModelConfig:
             raise ConfigError(f"rope_theta: {self.rope_theta!r} must be a positive number")
         if self.mlp_hidden is not None:
             _check_positive_int("mlp_hidden", self.mlp_hidden)
-        for name in ("qk_norm", "bias", "tie_embeddings", "causal"):
+        if self.logit_softcap is not None and (
+                isinstance(self.logit_softcap, bool) or not isinstance(self.logit_softcap, (int, float))
+                or not math.isfinite(self.logit_softcap) or self.logit_softcap <= 0):
+            raise ConfigError(f"logit_softcap: {self.logit_softcap!r} must be a positive number or null")
+        for name in ("qk_norm", "bias", "tie_embeddings", "zero_init_proj", "causal"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: {getattr(self, name)!r} must be true or false")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
@@ -111,7 +119,7 @@ class ModelConfig:
         """Width of the MLP's hidden layer."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp in ("gelu", "relu2"):
             return 4 * self.n_embd
         # SwiGLU has three matrices instead of two: 2/3 of 4*n_embd keeps the parameter count of
         # the GELU MLP (LLaMA's choice), rounded up to a multiple of 8 for friendlier matmuls.

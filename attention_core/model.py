@@ -1,11 +1,11 @@
 """The transformer: embeddings, pre-norm blocks of attention and MLP, and the language-model head.
 
 `Transformer(config)` is a GPT-2-shaped model whose parts are chosen by `ModelConfig`: learned or
-rotary positions, LayerNorm or RMSNorm, GELU or SwiGLU MLP, grouped-query attention, causal decoder
-or bidirectional encoder. `forward(idx, targets)` returns `(logits, loss)` like nanoGPT's; it also
-takes a key-padding `attention_mask` and a KV cache (see `generation.py`). Weights start from
-GPT-2's initialisation, with residual projections scaled by 1/sqrt(2 * n_layer) so the residual
-stream's variance does not grow with depth. `num_params` and `flops_per_token` give what an MFU
+rotary positions, LayerNorm or RMSNorm, GELU, SwiGLU or ReLU² MLP, grouped-query attention, logit
+soft-capping, causal decoder or bidirectional encoder. `forward(idx, targets)` returns `(logits, loss)`
+like nanoGPT's; it also takes a key-padding `attention_mask` and a KV cache (see `generation.py`).
+Weights start from GPT-2's initialisation, with residual projections scaled by 1/sqrt(2 * n_layer) so
+the residual stream's variance does not grow with depth, or at zero (`zero_init_proj`). `num_params` and `flops_per_token` give what an MFU
 figure needs, and `attention_maps` shows what every head attends to.
 """
 
@@ -29,10 +29,11 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """The position-wise feed-forward network: GELU (GPT-2) or SwiGLU (LLaMA)."""
+    """The position-wise feed-forward network: GELU (GPT-2), SwiGLU (LLaMA) or ReLU² (Primer)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.kind = config.mlp
         self.swiglu = config.mlp == "swiglu"
         hidden = config.hidden_dim
         # SwiGLU's gate and up projections are a single matmul whose output is split in two
@@ -45,6 +46,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()  # So et al. 2021 (Primer); modded-nanogpt
         else:
             h = F.gelu(h)
         return self.dropout(self.c_proj(h))  # (B, T, C)
@@ -90,10 +93,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         # GPT-2: each block adds two residual contributions, so scale their projections by
-        # 1/sqrt(2 * n_layer) to keep the residual stream's variance independent of depth
+        # 1/sqrt(2 * n_layer) to keep the residual stream's variance independent of depth; or start
+        # them at zero (modded-nanogpt), so each block starts as the identity and learns what to add
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -121,6 +128,9 @@ class Transformer(nn.Module):
         x, _ = self._run_blocks(idx, attention_mask=attention_mask, kv_cache=kv_cache, attn_impl=attn_impl,
                                 position_ids=position_ids)
         logits = self.lm_head(x)  # (B, T, vocab_size)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap  # smooth and differentiable: no logit leaves (-cap, cap)
+            logits = cap * torch.tanh(logits / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

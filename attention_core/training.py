@@ -1,9 +1,9 @@
-"""Training primitives that need no Ray: optimizer groups, the learning-rate schedule, one step, state.
+"""Training primitives that need no Ray: one step, the device's peak FLOP/s, and training state on disk.
 
-`configure_optimizer` builds AdamW with weight decay only on matmul weights. `lr_at` is linear
-warmup then cosine decay. `train_step` runs one optimizer step over a list of micro-batches
-(gradient accumulation, autocast, clipping) and synchronises with the device once, at the end.
-`TrainState` saves and restores model weights (safetensors), optimizer state keyed by parameter
+(The optimizers and learning-rate schedules are in optim.py.) `train_step` runs one optimizer step
+over a list of micro-batches (gradient accumulation, autocast, clipping), setting each parameter
+group's learning rate from the schedule's and the group's `lr_scale`, and synchronises with the
+device once, at the end. `TrainState` saves and restores model weights (safetensors), optimizer state keyed by parameter
 name and RNG states (`torch.load(weights_only=True)`: nothing else is ever unpickled) into a
 directory that is swapped into place whole; a sharded trainer hands it full state dicts instead.
 A distributed trainer wraps the model (DDP, FSDP2) from outside; `train_step` only needs to know
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -33,32 +32,7 @@ from .model import Transformer
 from .wrappers import strip_wrappers, unwrap_model
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer and schedule
-
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95),
-                        eps: float = 1e-8, device_type: str = "cpu", *,
-                        fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW with two groups: decay on >=2-D weights that are not embeddings, none on the rest.
-
-    Norm gains, biases and embeddings are left undecayed: pulling them towards zero does not
-    regularise anything useful (a tied head counts as the embedding). fused=None picks the fused
-    single-kernel AdamW, which both CUDA and CPU builds of PyTorch provide.
-    """
-    embedding_params = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    decay, no_decay = [], []
-    for p in model.parameters():  # a tied parameter is yielded once
-        if not p.requires_grad:
-            continue
-        if p.dim() >= 2 and id(p) not in embedding_params:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if fused is None:
-        fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+# The device's peak
 
 
 # Dense bf16 peak FLOP/s by device name fragment: the denominator of MFU (nanoGPT's estimate_mfu).
@@ -71,18 +45,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
-
-
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup from lr/(warmup+1) to lr, cosine decay to min_lr at max_steps, then min_lr."""
-    if step < 0 or warmup_steps < 0 or max_steps < 0:
-        raise ValueError(f"lr_at: step={step}, warmup_steps={warmup_steps}, max_steps={max_steps} must be >= 0")
-    if step < warmup_steps:
-        return lr * (step + 1) / (warmup_steps + 1)  # never exactly 0: step 0 still learns
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 -> 1
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +64,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                device_type: str = "cpu") -> StepResult:
     """Accumulate gradients over micro_batches [(x, y), ...], clip them, take one optimizer step.
 
+    lr: the schedule's learning rate; each parameter group gets lr times its `lr_scale` (default 1).
     Each micro-batch's loss is divided by their number, so the gradient is that of the mean loss.
     Under DDP (`no_sync`) or FSDP2 (`set_requires_gradient_sync`) gradients are all-reduced only
     on the last micro-batch. The one host-device synchronisation is reading loss and norm at the end.
@@ -110,7 +73,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         raise ValueError("micro_batches: at least one (x, y) pair is needed")
     if lr is not None:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at a multiple of AdamW's
     optimizer.zero_grad(set_to_none=True)
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())

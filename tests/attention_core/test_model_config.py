@@ -72,7 +72,8 @@ def test_from_dict_names_an_unknown_or_missing_key():
         ModelConfig.from_dict([("vocab_size", 10)])
 
 
-@pytest.mark.parametrize("mlp, n_embd, hidden", [("gelu", 32, 128), ("swiglu", 32, 88), ("swiglu", 768, 2048)])
+@pytest.mark.parametrize("mlp, n_embd, hidden", [("gelu", 32, 128), ("relu2", 32, 128), ("swiglu", 32, 88),
+                                                  ("swiglu", 768, 2048)])
 def test_mlp_width(mlp, n_embd, hidden):
     assert ModelConfig(vocab_size=10, mlp=mlp, n_embd=n_embd).hidden_dim == hidden
     assert ModelConfig(vocab_size=10, mlp=mlp, mlp_hidden=40).hidden_dim == 40

@@ -14,6 +14,7 @@ OPTION_SETS = [
     dict(pos="rope", norm="rmsnorm", mlp="swiglu"),
     dict(pos="rope", qk_norm=True, n_head=4, n_kv_head=2, bias=True),
     dict(n_kv_head=1, tie_embeddings=False, mlp="swiglu", qk_norm=True),
+    dict(pos="rope", mlp="relu2", tie_embeddings=False, logit_softcap=5.0),
 ]
 
 
