@@ -8,53 +8,31 @@ column at once, vectorised) and `token_bytes` (UTF-8 bytes per id).
 
 - char: one id per character seen in the corpus, in code-point order, then end-of-text.
 - byte: the 256 byte values of UTF-8, then end-of-text (257 ids).
-- bpe: byte-level BPE with GPT-2 pre-tokenization, trained by Hugging Face `tokenizers`; tokenizer.json is
-  that library's own format, with end-of-text as the special token `<|endoftext|>`.
+- bpe: byte-level BPE with GPT-2 pre-tokenization, as Hugging Face `tokenizers` trains it; tokenizer.json is
+  that library's own format, with end-of-text as the special token `<|endoftext|>`. Data preparation trains
+  it with flows/bpe_train.py (the same result as the library's BpeTrainer, faster) and encodes whole Arrow
+  columns with flows/bpe_encode.py (the same ids as the library's encode, faster).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from flows.errors import UserError
+from flows.wordsplit import GPT2_SPLIT, utf8_buffers
 
 EOT = "<|endoftext|>"
 KINDS = ("char", "byte", "bpe")
-# The split of `tokenizers`' byte-level pre-tokenizer (GPT-2's), and how many distinct words
-# BPETokenizer.encode_arrow remembers before starting over (bounding its memory).
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_WS = r"\t\n\x0b\x0c\r "  # what \s matches in ASCII there (not \x1c-\x1f, unlike Python's re)
-GPT2_SPLIT_ASCII = (  # letters first: no other branch starts with one, so the result is the same, sooner
-    rf""" ?[A-Za-z]+| ?[0-9]+|'(?:s|t|re|ve|m|ll|d)| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
-WORD_CACHE = 1_000_000
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32: the dtype of train.bin and val.bin."""
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def utf8_buffers(column) -> tuple[np.ndarray, np.ndarray]:
-    """(UTF-8 bytes of all rows, row offsets into them) of an Arrow string column, without copying rows."""
-    import pyarrow as pa
-
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if pa.types.is_string(arr.type) or pa.types.is_binary(arr.type):
-        width = np.int32
-    elif pa.types.is_large_string(arr.type) or pa.types.is_large_binary(arr.type):
-        width = np.int64
-    else:
-        arr, width = arr.cast(pa.large_string()), np.int64
-    _, offsets_buf, data_buf = arr.buffers()
-    offsets = np.frombuffer(offsets_buf, width)[arr.offset: arr.offset + len(arr) + 1].astype(np.int64)
-    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
-    return data[offsets[0]: offsets[-1]], offsets - offsets[0]
 
 
 def _code_points(data: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -181,55 +159,6 @@ class ByteTokenizer:
         Path(path).write_text(json.dumps(self.to_dict()))
 
 
-class _WordEncoder:
-    """Byte-level BPE through a cache of word encodings; see BPETokenizer.encode_arrow."""
-
-    def __init__(self, tokenizer_json: str):
-        import regex  # `tokenizers`' pattern needs \p{L}; Python's re has no such class
-        from tokenizers import Tokenizer, pre_tokenizers
-
-        self._split_unicode = regex.compile(GPT2_SPLIT).findall
-        self._split_ascii = re.compile(GPT2_SPLIT_ASCII).findall  # the same on ASCII text, twice as fast
-        self._model = Tokenizer.from_str(tokenizer_json)  # on one word: bytes to symbols, no further split
-        self._model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        self._model.encode_special_tokens = True
-        self._reset()
-
-    def _reset(self) -> None:
-        self._index: dict[str, int] = {}  # word -> row of the tables below
-        self._start = np.zeros(0, np.int64)  # where the word's ids begin in _ids
-        self._len = np.zeros(0, np.int64)
-        self._ids = np.zeros(0, np.int64)
-
-    def _add(self, words: list[str]) -> None:
-        encodings = self._model.encode_batch_fast(words, add_special_tokens=False)
-        lens = np.fromiter((len(e.ids) for e in encodings), np.int64, len(words))
-        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64, int(lens.sum()))
-        self._index.update(zip(words, range(len(self._index), len(self._index) + len(words))))
-        self._start = np.concatenate([self._start, len(self._ids) + np.cumsum(lens) - lens])
-        self._len = np.concatenate([self._len, lens])
-        self._ids = np.concatenate([self._ids, ids])
-
-    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(ids of all texts concatenated, ids per text)."""
-        if len(self._index) > WORD_CACHE:
-            self._reset()
-        rows = [self._split_ascii(t) if t.isascii() else self._split_unicode(t) for t in texts]
-        words = list(itertools.chain.from_iterable(rows))
-        get = self._index.get
-        idx = np.array([get(w, -1) for w in words], np.int64)
-        missing = np.flatnonzero(idx < 0).tolist()
-        if missing:
-            self._add(list(dict.fromkeys(words[i] for i in missing)))
-            idx[missing] = [self._index[words[i]] for i in missing]
-        lens = self._len[idx]
-        ends = np.cumsum(lens)
-        # Each word's ids, copied from the table in order: position = word start + offset within the word.
-        ids = self._ids[np.repeat(self._start[idx] - (ends - lens), lens) + np.arange(int(ends[-1]) if len(ends) else 0)]
-        words_before = np.concatenate([[0], np.cumsum([len(r) for r in rows], dtype=np.int64)])
-        return ids, np.diff(np.concatenate([[0], ends])[words_before])
-
-
 class BPETokenizer:
     """Byte-level BPE from Hugging Face `tokenizers`; end-of-text is the special token `<|endoftext|>`."""
 
@@ -248,16 +177,16 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, batches: Iterator[list[str]], vocab_size: int, *, show_progress: bool = False) -> "BPETokenizer":
-        """Train on batches of texts to at most vocab_size ids (fewer when the corpus runs out of merges)."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        """Train on batches of texts to at most vocab_size ids (fewer when the corpus runs out of merges).
+        flows.bpe_train gives `tokenizers`' BpeTrainer's result faster; without the `regex` or `pandas`
+        package, BpeTrainer runs (show_progress: its progress bars)."""
+        from importlib.util import find_spec
 
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=show_progress,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        tok.train_from_iterator(batches, trainer)
-        return cls(tok)
+        if not (find_spec("regex") and find_spec("pandas")):
+            return cls(train_with_tokenizers(batches, vocab_size, show_progress=show_progress))
+        from flows.bpe_train import train_bpe
+
+        return cls(train_bpe(batches, vocab_size, EOT, GPT2_SPLIT))
 
     @classmethod
     def from_str(cls, text: str) -> "BPETokenizer":
@@ -282,33 +211,26 @@ class BPETokenizer:
         return self._tok.decode([int(i) for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
 
     def encode_arrow(self, column) -> tuple[np.ndarray, np.ndarray]:
-        """encode on every row, several times faster: rows are split into words with the GPT-2 pattern (what
-        the byte-level pre-tokenizer does) and each distinct word is encoded once by the BPE model, then
-        looked up. The ids equal encode's, except around characters so new to Unicode that the `regex`
-        package and `tokenizers` classify them differently; decoding is exact either way. Without the
-        `regex` package, every row goes through `tokenizers`."""
-        texts = column.to_pylist()
+        """encode on every row, several times faster (flows/bpe_encode.py): rows are split into words as the
+        byte-level pre-tokenizer splits them (ASCII text with numpy, the rest with the GPT-2 pattern) and each
+        distinct word is encoded once by the BPE model, then copied. The ids equal encode's, except around
+        characters so new to Unicode that the `regex` package and `tokenizers` classify them differently;
+        decoding is exact either way. Without the `regex` or `pandas` package, every row goes through
+        `tokenizers`."""
         dtype = token_dtype(self.vocab_size)
         if self._words is None:
             try:
-                self._words = _WordEncoder(self._tok.to_str())
+                from flows.bpe_encode import WordEncoder
+
+                self._words = WordEncoder(self._tok.to_str())
             except ImportError:
                 self._words = False
         if not self._words:
+            texts = column.to_pylist()
             rows = [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
             counts = np.fromiter(map(len, rows), np.int64, len(rows))
             return np.fromiter(itertools.chain.from_iterable(rows), dtype, int(counts.sum())), counts
-        parts, group, size = [], [], 0
-        for text in texts:  # groups of about a megabyte bound the memory the word lists take
-            group.append(text)
-            size += len(text)
-            if size >= 1 << 20:
-                parts.append(self._words.encode(group))
-                group, size = [], 0
-        if group or not parts:
-            parts.append(self._words.encode(group))
-        return (np.concatenate([p[0] for p in parts]).astype(dtype),
-                np.concatenate([p[1] for p in parts]))
+        return self._words.encode_arrow(column, dtype)
 
     def token_bytes(self) -> np.ndarray:
         # Byte-level tokens spell one byte per character; special tokens stand for no text.
@@ -320,6 +242,19 @@ class BPETokenizer:
 
     def save(self, path: str | Path) -> None:
         self._tok.save(str(path))
+
+
+def train_with_tokenizers(batches: Iterator[list[str]], vocab_size: int, *, show_progress: bool = False):
+    """Byte-level BPE with GPT-2 pre-tokenization trained by `tokenizers`' own BpeTrainer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(batches, trainer)
+    return tok
 
 
 def new_tokenizer(kind: str, chars: Iterable[str] = ()) -> CharTokenizer | ByteTokenizer:

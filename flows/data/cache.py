@@ -2,11 +2,11 @@
 
 A flow run resolves `data.source` and hashes its files once, before the task (`source_for_run`); the
 pinned `Source` is the task's input, so the task's cache key (`DataFingerprintCache`), the check that a
-cached result's directory still exists (`prepare_options`) and the prep itself all use that one digest,
-and nothing lists or hashes the corpus again. Only local sources are pinned here: remote and Hub sources
-are pinned by the prep (metadata calls that may fail), so Prefect does not cache them; the prep's own
-content-addressed reuse still does. Results are persisted as JSON under <workdir>/prefect-results.
-This module imports Prefect, so flows.data does not import it: Ray workers import flows.data.
+cached result's directory still exists and matches its meta.json (`prepare_options`) and the prep itself
+all use that one digest, and nothing lists or hashes the corpus again. Only local sources are pinned here:
+remote and Hub sources are pinned by the prep (metadata calls that may fail), so Prefect does not cache
+them; the prep's own content-addressed reuse still does. Results are persisted as JSON under
+<workdir>/prefect-results. This module imports Prefect, so flows.data does not import it: Ray workers import flows.data.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from prefect.cache_policies import CachePolicy
 
 from flows.config import PipelineConfig
+from flows.data.integrity import verify_prepared
 from flows.data.prepare import dataset_fingerprint
 from flows.data.sources import Source, pin_source, resolve_source
 from flows.errors import UserError
@@ -59,8 +60,9 @@ class DataFingerprintCache(CachePolicy):
 
 def prepare_options(cfg: PipelineConfig, source: Source | None) -> dict:
     """prepare_dataset_task's options for this run: results under the workdir, and a cached result whose
-    directory is gone recomputed and overwritten (refresh_cache) instead of handed to training."""
+    directory is gone or no longer matches its meta.json (sizes and checksums: integrity.py) recomputed and
+    overwritten (refresh_cache) instead of handed to training; the prep then rebuilds it with a warning."""
     fp = _fingerprint(cfg, source)
-    gone = fp is not None and not (cfg.workdir_path / "data" / fp / "meta.json").is_file()  # prepare.py's layout
+    damaged = fp is not None and verify_prepared(cfg.workdir_path / "data" / fp) is not None  # prepare.py's layout
     return {"result_storage": cfg.workdir_path / "prefect-results",  # a Path: a local folder, no block to save
-            "refresh_cache": True if gone else None}
+            "refresh_cache": True if damaged else None}

@@ -8,12 +8,15 @@
 3. Build the tokenizer: char from the characters of the whole corpus (an alphabet, no statistics, so
    validation text is always encodable); byte; bpe trained on the training split only.
 4. Tokenize with datasets' batched `map` on all cores; each batch writes its tokens to part files.
-5. Concatenate the parts into train.bin and val.bin, write tokenizer.json and meta.json.
+5. Concatenate the parts into train.bin and val.bin, write tokenizer.json and meta.json (which records
+   each file's size and checksum), and fsync them all (integrity.py).
 
 All of it happens in a private temporary directory under `<workdir>/data`, locked while its process lives
 and renamed into place at the end: a prep killed at any moment leaves no `<fingerprint>` directory (its
 leftovers are removed by the next prep), and of two concurrent preps of the same inputs the first rename
-wins and the other returns that result. A prep that fails on bad input leaves nothing behind.
+wins and the other returns that result. A prep that fails on bad input leaves nothing behind. A published
+directory is reused only after its files match meta.json (sizes and checksums); one that does not is set
+aside (one check at a time per directory) and rebuilt, with a warning naming the file.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -34,6 +38,7 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig
 from flows.data.documents import CharAlphabet, DocumentTable, DocumentWriter
+from flows.data.integrity import fsync_dir, fsync_files, record_files, verify_prepared
 from flows.data.readers import iter_documents
 from flows.data.sources import Source, pin_source, resolve_source
 from flows.errors import UserError
@@ -43,6 +48,8 @@ FORMAT_VERSION = 2
 TMP_PREFIX = ".tmp-"
 MAP_BATCH_BYTES = 8 << 20  # text per tokenization batch
 PROC_BYTES = 8 << 20  # corpora smaller than this per extra process are tokenized in fewer processes
+
+log = logging.getLogger(__name__)
 
 
 class PreparedData(BaseModel):
@@ -111,9 +118,11 @@ def prepare_dataset(cfg: PipelineConfig, source: Source | None = None) -> Prepar
     fp = fingerprint(source, settings)
     root = cfg.workdir_path / "data"
     out = root / fp
-    if (out / "meta.json").is_file():
+    if out.exists() and verify_prepared(out) is None:
         return _load(out, cfg, reused=True)
     with _Workspace(root) as ws:
+        if out.exists() and not ws.set_aside(out):  # another prep rebuilt it meanwhile
+            return _load(out, cfg, reused=True)
         meta = _build(cfg, source, settings, fp, ws.path)
         data = PreparedData(path=str(out), **meta["summary"])
         _check_block_size(data, cfg)
@@ -172,6 +181,7 @@ def _build(cfg: PipelineConfig, source: Source, settings: dict, fp: str, tmp: Pa
     else:
         splits = {k: {"documents": table.documents[k], "bytes": table.bytes[k], **v} for k, v in splits.items()}
     tok.save(out / "tokenizer.json")
+    files = record_files(out)
     summary = dict(fingerprint=fp, tokenizer=tok.kind, vocab_size=tok.vocab_size, dtype=dtype.name,
                    train_tokens=splits["train"]["tokens"], val_tokens=splits["val"]["tokens"],
                    val_bytes=splits["val"]["bytes"], train_bytes=splits["train"]["bytes"],
@@ -179,8 +189,9 @@ def _build(cfg: PipelineConfig, source: Source, settings: dict, fp: str, tmp: Pa
                    split="tail" if tail else "hash")
     meta = {"fingerprint": fp, "format_version": FORMAT_VERSION, "source": source.describe(),
             "settings": settings, "split": summary["split"], "splits": splits, "vocab_size": tok.vocab_size,
-            "dtype": dtype.name, "versions": _versions(), "summary": summary}
+            "dtype": dtype.name, "versions": _versions(), "summary": summary, "files": files}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    fsync_files(out)  # durable before the rename publishes it
     return meta
 
 
@@ -339,11 +350,29 @@ class _Workspace:
         """Rename the finished files into place; False when another prep did it first."""
         try:
             os.rename(self.path / "out", out)
-            return True
         except OSError:
             if (out / "meta.json").is_file():
                 return False
             raise
+        fsync_dir(self.root)  # the rename itself survives a crash
+        return True
+
+    def set_aside(self, out: Path) -> bool:
+        """Move a published directory that does not match its meta.json into this workspace (removed with
+        it), warning with the reason; False when, checked again under the lock, it matches now."""
+        fd = os.open(self.root / f".check-{out.name}.lock", os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one check-and-set-aside at a time, so a rebuilt one is kept
+            if not out.exists():
+                return True
+            if (problem := verify_prepared(out)) is None:
+                return False
+            log.warning("prepared data does not match its meta.json, rebuilding it: %s", problem)
+            os.rename(out, self.path / "damaged")
+            fsync_dir(self.root)
+            return True
+        finally:
+            os.close(fd)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

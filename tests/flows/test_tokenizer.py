@@ -135,9 +135,9 @@ MULTILINGUAL = ["Ça va? Très bien — merci!\n", "Привет, мир 123 ½ 
 def test_bpe_batch_encoding_equals_encode_on_real_text(bpe, monkeypatch, cache_size):
     import sysconfig
 
-    from flows import tokenizer
+    from flows import bpe_encode
 
-    monkeypatch.setattr(tokenizer, "WORD_CACHE", cache_size)  # small: the cache starts over again and again
+    monkeypatch.setattr(bpe_encode, "WORD_CACHE", cache_size)  # small: the cache starts over again and again
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
     rows = [f.read_text(encoding="utf-8") for f in files] + MULTILINGUAL + [f"a{EOT}b", ""]
     bpe = pickle.loads(pickle.dumps(bpe))  # a fresh word cache
