@@ -39,6 +39,7 @@ CONTAINER_VAR = re.compile(r"\$\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 HOST_PORT = re.compile(r"(?:^|[/@=,\s])([a-z][a-z0-9-]*):(\d{2,5})\b")
 PROJECT_TOOLS = {"ray", "mlflow", "prefect"}  # console scripts the image gets from the project's requirements
 IMAGE_TOOLS = {"curl", "tini"}  # installed by infra/Dockerfile's apt-get line
+BASE_TOOLS = {"true"}  # coreutils: in both bases (Debian and Ubuntu)
 
 
 def load_docs(path: Path) -> list:
@@ -224,11 +225,19 @@ def test_mlflow_server_wiring(services):
     auth_db = parser["mlflow"]["database_uri"].removeprefix("sqlite:///")
     assert any(auth_db.startswith(v.split(":")[1] + "/") for v in mlflow["volumes"]), "auth DB not on a volume"
     assert "admin_password" not in parser["mlflow"]  # it comes from MLFLOW_AUTH_ADMIN_PASSWORD
+    # mlflow-init logs in as the admin and creates the pipeline's user; the pipeline logs in as that user.
+    init_env = services["mlflow-init"]["environment"]
+    assert init_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert init_env["MLFLOW_TRACKING_USERNAME"] == env["MLFLOW_AUTH_ADMIN_USERNAME"]
+    assert init_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert services["mlflow-init"]["depends_on"]["mlflow"]["condition"] == "service_healthy"
     for client in ("prefect-worker", "ray-head", "ray-gpu-worker"):
         client_env = services[client]["environment"]
         assert client_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-        assert client_env["MLFLOW_TRACKING_USERNAME"] == env["MLFLOW_AUTH_ADMIN_USERNAME"]
-        assert client_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+        assert client_env["MLFLOW_TRACKING_USERNAME"] == init_env["MLFLOW_PIPELINE_USERNAME"]
+        assert client_env["MLFLOW_TRACKING_PASSWORD"] == init_env["MLFLOW_PIPELINE_PASSWORD"]
+    for client in ("prefect-worker", "ray-head"):  # the Ray worker joins the head, which waits
+        assert services[client]["depends_on"]["mlflow-init"]["condition"] == "service_completed_successfully"
 
 
 def test_prefect_server_and_worker_wiring(services):
@@ -255,12 +264,20 @@ def test_environment_variable_names_are_known_settings(services):
     prefect_names = set(_get_settings_fields(Settings))
     mlflow_names = {v.name for v in vars(mlflow_env).values() if isinstance(getattr(v, "name", None), str)}
     mlflow_names |= {p.envvar for p in mlflow_server.params if isinstance(p.envvar, str)}
+    mlflow_names |= set(_script_variables())  # read by the project's own mlflow-init script
     for name, svc in services.items():
         for key in svc.get("environment") or {}:
             if key.startswith("PREFECT_"):
                 assert key in prefect_names, f"{name}: {key} is not a Prefect setting"
             if key.startswith("MLFLOW_"):
                 assert key in mlflow_names, f"{name}: {key} is not an MLflow variable"
+
+
+def _script_variables() -> tuple[str, ...]:
+    """REQUIRED of infra/mlflow/create_pipeline_user.py: the variables that script reads."""
+    tree = ast.parse((INFRA / "mlflow" / "create_pipeline_user.py").read_text())
+    [node] = [n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "REQUIRED"]
+    return ast.literal_eval(node.value)
 
 
 def test_compose_builds_infra_dockerfile(services, env_example):
@@ -317,12 +334,16 @@ def test_dockerfile_copies_existing_sources_the_context_lets_through():
     copied = []
     for op, rest in _dockerfile_instructions():
         if op == "COPY" and "--from=" not in rest:
-            *sources, _dest = rest.split()
+            *sources, _dest = [t for t in rest.split() if not t.startswith("--")]
             copied += sources
-    assert {"pyproject.toml", "attention_core", "flows", "prefect.yaml", "infra/mlflow"} <= set(copied)
+        if op == "RUN":  # RUN --mount=type=bind,source=...: read from the context too
+            copied += re.findall(r"--mount=type=bind,source=([^,\s]+)", rest)
+    assert {"pyproject.toml", "attention_core", "flows", "prefect.yaml", "infra/mlflow",
+            "infra/bin/require-secrets", "infra/bin/create-app-user"} <= set(copied)
     for source in copied:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
-        assert source in allowed, f"COPY {source}: excluded by infra/Dockerfile.dockerignore"
+        assert any(source == a or source.startswith(a + "/") for a in allowed), \
+            f"COPY {source}: excluded by infra/Dockerfile.dockerignore"
     rules = [l for l in (INFRA / "Dockerfile.dockerignore").read_text().splitlines() if l and not l.startswith("#")]
     assert rules[0] == "**", "the context is deny-by-default: .env files, .venv and workdir never reach the build"
 
@@ -335,6 +356,8 @@ def test_dockerfile_installs_ray_with_its_dashboard_and_the_image_tools():
     assert ("ARG", f"RAY_VERSION={ray.__version__}") in _dockerfile_instructions()
     apt = re.search(r"apt-get install[^&]*", runs).group(0).split()
     assert IMAGE_TOOLS <= set(apt)
+    # The compose stack's MLflow server runs the basic-auth app, which imports Flask-WTF (mlflow[auth]).
+    assert '"mlflow[auth]"' in runs
 
 
 # --------------------------------------------------------------------------------------- KubeRay
@@ -441,9 +464,12 @@ def test_cluster_launcher_token_auth_and_shared_workdir(launcher):
     options = launcher["docker"]["run_options"]
     assert "--env RAY_AUTH_MODE=token" in options
     [env_file] = [o.split()[1] for o in options if o.startswith("--env-file ")]
-    assert launcher["file_mounts"][env_file] == "./infra/.env"  # git-ignored, holds RAY_AUTH_TOKEN
+    # infra/ray-nodes.env (git-ignored: the Ray token, the pipeline's MLflow login), never infra/.env
+    assert launcher["file_mounts"][env_file] == "./infra/ray-nodes.env"
     assert any(o.startswith("--volume ") and o.endswith(f":{WORKDIR_MOUNT}") for o in options)
     head_port = _flag_values(shlex.split(launcher["head_start_ray_commands"][-1]), "--port")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert shlex.split(launcher[key][-1])[:3] == ["require-secrets", "ray", "start"], key
     assert _flag_values(shlex.split(launcher["worker_start_ray_commands"][-1]), "--address") == [
         f"$RAY_HEAD_IP:{head_port[0]}"]
 
@@ -479,6 +505,10 @@ def collect_commands() -> list[tuple[str, list[str]]]:
         found += [(f"launcher {key}", a) for c in launcher.get(key) or [] for a in _shell_commands(c)]
     for doc in _ray_docs("RayJob"):
         found.append(("RayJob entrypoint", shlex.split(doc["spec"]["entrypoint"])))
+    for name, spec in _cluster_specs():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            for init in group["template"]["spec"].get("initContainers", []):
+                found.append((f"{name} initContainer {init['name']}", init["command"]))
     cmd = [yaml.safe_load(rest) for op, rest in _dockerfile_instructions() if op == "CMD"][-1]
     found.append(("Dockerfile CMD", cmd))
     return found
@@ -566,8 +596,15 @@ def tool_help() -> dict[tuple[str, tuple[str, ...]], frozenset[str] | None]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("where", "argv"), COMMANDS, ids=[f"{w}: {' '.join(a)[:60]}" for w, a in COMMANDS])
 def test_every_command_exists(where: str, argv: list[str], tool_help):
+    if argv[0] == "require-secrets":  # the image's guard (infra/bin), then the command it starts
+        assert len(argv) > 1, f"{where}: require-secrets needs a command to start"
+        argv = argv[1:]
     exe = argv[0]
-    if exe in ("python", "python3", "attention-pipeline"):
+    if exe in ("python", "python3") and argv[1].startswith("/app/infra/"):
+        script = ROOT / argv[1].removeprefix("/app/")  # a script of infra/ the image copies to /app/infra
+        assert script.is_file(), f"{where}: {argv[1]} is not in the repository"
+        compile(script.read_text(), str(script), "exec")
+    elif exe in ("python", "python3", "attention-pipeline"):
         assert exe != "python" or argv[1:3] == ["-m", "flows"], f"{where}: runs a module outside the project"
         _validated_flows_command(argv)
     elif exe in PROJECT_TOOLS:
@@ -580,7 +617,7 @@ def test_every_command_exists(where: str, argv: list[str], tool_help):
         assert known is not None, f"{where}: `{exe} {' '.join(path)}` is not a command"
         assert set(options) <= known, f"{where}: unknown options {sorted(set(options) - known)}"
     else:
-        assert exe in IMAGE_TOOLS, f"{where}: {exe} is neither the project's nor installed in the image"
+        assert exe in IMAGE_TOOLS | BASE_TOOLS, f"{where}: {exe} is neither the project's nor installed in the image"
 
 
 def test_prefect_deployments_point_at_the_flow_and_valid_configs():

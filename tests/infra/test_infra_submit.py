@@ -27,6 +27,7 @@ from flows.submit import (
     build_entrypoint,
     build_runtime_env,
     check_cluster,
+    check_job_paths,
     large_file_excludes,
     normalize_address,
     pip_requirements,
@@ -81,6 +82,41 @@ def test_entrypoint_ships_the_validated_config_once_as_json():
 def test_invalid_config_fails_before_contacting_the_cluster(overrides, message):
     with pytest.raises(UserError, match=message):
         submit_pipeline(f"http://127.0.0.1:{_closed_port()}", overrides=overrides)
+
+
+# ------------------------------------------------------------------------------------ paths the job outlives
+@pytest.mark.parametrize(("overrides", "environ", "needles"), [
+    ([], {}, ["workdir: 'workdir' is relative", "absolute path on storage every node shares",
+              "object-store train.storage_path"]),
+    (["workdir=runs/nightly", "train.storage_path=s3://bucket/runs"], {},  # the MLflow store would still die
+     ["workdir: 'runs/nightly' is relative", "MLFLOW_TRACKING_URI"]),
+    (["workdir=/srv/attention", "train.storage_path=checkpoints"], {},
+     ["train.storage_path: 'checkpoints' is relative", "object-store URI"]),
+])
+def test_submit_refuses_paths_the_jobs_temporary_directory_would_take_with_it(overrides, environ, needles, capsys,
+                                                                               monkeypatch):
+    # refused on this machine, before the (closed) dashboard is contacted or anything is uploaded
+    for var in ("MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in environ.items():
+        monkeypatch.setenv(var, value)
+    address = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["submit", "--address", address, "--no-pip", *[a for o in overrides for a in ("--set", o)]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(n in err for n in needles) and "cannot reach" not in err, err
+
+
+@pytest.mark.parametrize(("overrides", "environ"), [
+    (["workdir=/srv/attention"], {}),
+    (["workdir=~/attention"], {}),  # the head's home directory, not the job's
+    (["train.storage_path=s3://bucket/runs"], {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}),
+    (["train.storage_path=s3://bucket/runs", "registry.tracking_uri=http://mlflow:5000"], {}),
+])
+def test_submit_accepts_paths_that_outlive_the_job(overrides, environ):
+    check_job_paths(load_config(overrides=overrides), environ)
+    with pytest.raises(UserError, match="cannot reach the Ray dashboard"):  # it went on to the cluster
+        submit_pipeline(f"http://127.0.0.1:{_closed_port()}", overrides=overrides, environ=environ, pip=False)
 
 
 def test_missing_config_file_is_a_user_error(tmp_path: Path):
@@ -165,7 +201,8 @@ def test_bad_addresses(given, message):
 def test_address_from_the_environment_is_read_by_the_cli_only(monkeypatch, capsys):
     port = _closed_port()
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-    assert main(["submit", "--no-pip", "--set", "train.max_steps=2"]) == 2  # the CLI took the variable
+    # the CLI took the variable
+    assert main(["submit", "--no-pip", "--set", "workdir=/srv/attention", "--set", "train.max_steps=2"]) == 2
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
     with pytest.raises(UserError, match="is required"):
         normalize_address(None)  # the module itself reads no environment
@@ -185,7 +222,8 @@ def test_unreachable_dashboard_is_one_line_exit_2(capsys):
     address = f"http://127.0.0.1:{_closed_port()}"
     with pytest.raises(UserError, match="cannot reach the Ray dashboard"):
         check_cluster(address, {}, timeout=5)
-    assert main(["submit", "--address", address, "--no-pip", "--set", "train.max_steps=2"]) == 2
+    assert main(["submit", "--address", address, "--no-pip", "--set", "workdir=/srv/attention",
+                 "--set", "train.max_steps=2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach the Ray dashboard at " + address) and err.count("\n") == 1
 
