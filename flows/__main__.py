@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -103,26 +102,8 @@ def _load_config(args, *, environment: bool = True):
     return with_environment(cfg) if environment else cfg
 
 
-def _start_temporary_prefect_server() -> None:
-    """Without PREFECT_API_URL, start this process's temporary Prefect server now, one process at a time
-    per PREFECT_HOME: each migrates the one database there as it starts, and servers starting together
-    on a new database race (and time out)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import get_current_settings
-
-    from flows.registry.lock import file_lock
-
-    settings = get_current_settings()
-    if settings.api.url:
-        return
-    with file_lock(Path(settings.home).expanduser() / "attention-pipeline-server-start.lock"):
-        with get_client(sync_client=True) as client:  # the server outlives the client: the flow uses it
-            client.api_healthcheck()
-
-
 def cmd_run(args) -> int:
     from flows.config import with_environment
-    from flows.console import log_to, quiet_console
     from flows.data import check_source
     from flows.preflight import check_before_run
 
@@ -130,20 +111,31 @@ def cmd_run(args) -> int:
     cfg = with_environment(given)
     check_source(cfg.data.source)  # fail fast on a missing path, before any service starts
     check_before_run(cfg)  # workers the local Ray can place, memory per worker, the samples' KV cache
-    from flows.pipeline import training_pipeline_flow
+    # The input is good (checked before torch or Prefect is even imported): the temporary Prefect server,
+    # when the run needs one, boots on another core while this process imports the pipeline.
+    from flows.prefect_server import start_temporary_server, use_temporary_server
 
-    # Checked above before Prefect is even imported; only now does the run's console go quiet (the
-    # libraries' output to <workdir>/logs) unless --debug.
-    try:
-        with contextlib.nullcontext() if args.debug else quiet_console():
-            log_to(cfg.workdir_path)  # says where the libraries' output goes (inside a quiet run)
-            _start_temporary_prefect_server()
-            # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI)
-            # stays as given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes one.
-            reg = training_pipeline_flow(config=given)
-    finally:
-        if not args.debug:  # Prefect stops its temporary server at exit, after the quiet console: not news
-            logging.getLogger("prefect").setLevel(logging.WARNING)
+    server = start_temporary_server()
+    from flows import timing
+    from flows.console import log_to, quiet_console
+    from flows.pipeline import training_pipeline_flow
+    from flows.reaper import start_reaper
+
+    start_reaper()  # if this process is killed, what it starts (Prefect's server, Ray's agents) goes too
+
+    # Only now does the run's console go quiet (the libraries' output to <workdir>/logs) unless --debug.
+    with contextlib.nullcontext() if args.debug else quiet_console():
+        log_to(cfg.workdir_path)  # says where the libraries' output goes (inside a quiet run)
+        timing.hold("startup", timing.process_age())
+        if server is not None:
+            with timing.holding("prefect_start"):
+                url = use_temporary_server(server)
+            print(f"Prefect: a temporary server on {url}, stopped at exit (PREFECT_API_URL: use your own)",
+                  file=sys.stderr)  # the log file's, or --debug's
+        timing.open_stage("flow_start")  # closed where the flow's first task begins
+        # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI)
+        # stays as given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes one.
+        reg = training_pipeline_flow(config=given)
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
     print(f"  also as models:/{reg.model_name}@challenger")
     print(mlflow_ui_line(cfg.tracking_uri(), reg.experiment_id))

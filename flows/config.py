@@ -59,16 +59,31 @@ class DataConfig(_Section):
     num_proc: int | None = Field(
         None, ge=1, description="Processes for tokenization; default: all cores (fewer for corpora under 8 MB each)."
     )
+    timeout_s: float = Field(
+        7200, gt=0, description="Time limit of the prepare_dataset stage in seconds (default 2 h): past it the "
+        "stage stops, nothing half-written is published, and the run fails naming the stage (not retried)."
+    )
 
 
 class TrainSection(_Section):
     max_steps: int = Field(300, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Sequences per micro-batch per worker.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    lr: float = Field(2e-3, gt=0, description="Peak learning rate.")
-    min_lr: float = Field(2e-4, ge=0, description="Learning rate at the end of the cosine decay.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw, or muon: Muon (train.muon_lr) for the blocks' matrices and AdamW "
+        "(train.lr) for embeddings, head, norms and biases. Muon needs train.strategy=ddp.")
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW's).")
+    min_lr: float = Field(2e-4, ge=0, description="Learning rate at the end of the decay.")
     warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="After warmup: cosine decay to min_lr, or wsd (warmup-stable-decay): the peak "
+        "held, then linear to min_lr over the last train.decay_fraction of max_steps.")
+    decay_fraction: float = Field(0.4, ge=0, le=1, description="wsd: the share of max_steps spent decaying.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
+    muon_lr: float = Field(0.02, gt=0, description="Muon's peak learning rate (train.optimizer=muon); the "
+                           "schedule scales it with train.lr.")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's (Nesterov) momentum.")
+    muon_weight_decay: float = Field(0.0, ge=0, description="Muon's decoupled weight decay.")
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.99, gt=0, lt=1, description="AdamW beta2.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: off).")
@@ -99,6 +114,16 @@ class TrainSection(_Section):
     )
     storage_path: str | None = Field(None, description="Where Ray Train keeps checkpoints; default <workdir>/ray_results.")
     run_name: str | None = Field(None, description="Ray Train run name; default derived from the flow run so retries resume.")
+    timeout_s: float = Field(
+        86400, gt=0, description="Time limit of the train_model stage in seconds (default 24 h): past it the Ray "
+        "Train run is stopped (its workers end, its checkpoints stay: rerun with the same run_name to resume) and "
+        "the run fails naming the stage (not retried)."
+    )
+    startup_timeout_s: float = Field(
+        600, gt=0, description="How long the Ray Train worker group may wait for its resources, at the start and "
+        "after each worker restart (default 10 min; an autoscaler adding nodes, a lost node coming back); past it "
+        "the stage fails naming this key. Requests the joined cluster can never place fail at once instead."
+    )
 
     # Not rejected, on purpose: an interval longer than max_steps (the last step always logs, evaluates
     # and checkpoints) and warmup_steps >= max_steps (a short run that stays in warmup: `--set
@@ -107,6 +132,9 @@ class TrainSection(_Section):
     def _check_lr(self) -> "TrainSection":
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr: {self.min_lr} is above train.lr={self.lr}")
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            raise ValueError("train.optimizer: muon orthogonalises whole matrices, which FSDP2 shards; "
+                             "use train.strategy=ddp or train.optimizer=adamw")
         return self
 
 
@@ -122,6 +150,10 @@ class EvalSection(_Section):
     batch_size: int = Field(32, ge=1, description="Windows per evaluation batch.")
     max_tokens: int | None = Field(
         None, ge=1, description="Evaluate at most this many validation tokens (None: the whole split)."
+    )
+    timeout_s: float = Field(
+        3600, gt=0, description="Time limit of the evaluate_model stage in seconds (default 1 h); past it the "
+        "run fails naming the stage (not retried)."
     )
 
 
@@ -166,6 +198,11 @@ class RegistrySection(_Section):
     model_name: str = Field("attention-transformer", description="Registered model name.")
     min_improvement: float = Field(
         0.0, ge=0, description="Bits per byte a challenger must gain over the champion to be promoted."
+    )
+    timeout_s: float = Field(
+        3600, gt=0, description="Time limit of the register_model stage in seconds (default 1 h; it includes "
+        "waiting for another run's champion gate and re-evaluating the champion); past it the run fails naming "
+        "the stage (not retried)."
     )
 
     @model_validator(mode="after")

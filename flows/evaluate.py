@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 from flows.data import PreparedData
 from flows.errors import UserError
+from flows.timing import StageClock
 
 ATTENTION_TOKENS = 24  # tokens on each axis of the attention heatmaps: more are unreadable
 PROMPT_CHARS = 24  # the longest prompt taken from the validation split when eval.prompts is not set
@@ -37,6 +38,7 @@ class EvalResult(BaseModel):
     windows: int
     block_size: int
     samples: list[dict[str, str]]
+    num_params: int | None = None  # nanoGPT's count (`nanogpt_num_params`); logged as model.num_params
 
     def metrics(self) -> dict[str, float]:
         return {"eval_val_loss": self.val_loss, "eval_perplexity": self.perplexity,
@@ -115,6 +117,13 @@ def check_finite(score: SplitScore) -> None:
                         "weights diverged; retrain with a lower train.lr (or train.grad_clip on)")
 
 
+def nanogpt_num_params(model) -> int:
+    """The model's parameters as nanoGPT's get_num_params counts them: all but the position embeddings
+    (a tied embedding counted once)."""
+    wpe = getattr(model, "wpe", None)
+    return model.num_params(non_embedding=False) - (wpe.weight.numel() if wpe is not None else 0)
+
+
 def prompts_from_split(tokens, tokenizer, n: int = 3, chars: int = PROMPT_CHARS) -> list[str]:
     """n prompts from the validation split: the start of the first line at or after 0%, 33%, 66% of it,
     at most `chars` characters, cut after a word. Decoded from the split, so a char model knows them."""
@@ -144,7 +153,7 @@ def evaluate_pack(model, tokenizer, data: PreparedData, cfg: PipelineConfig) -> 
                           temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, seed=cfg.eval.seed)
     return EvalResult(val_loss=score.val_loss, perplexity=math.exp(min(score.val_loss, 50.0)),
                       bits_per_byte=score.bits_per_byte, tokens=score.tokens, bytes=score.bytes,
-                      windows=score.windows, block_size=score.block_size,
+                      windows=score.windows, block_size=score.block_size, num_params=nanogpt_num_params(model),
                       samples=[{"prompt": p, "completion": t} for p, t in zip(prompts, texts)])
 
 
@@ -161,21 +170,26 @@ def eval_device(cfg: PipelineConfig) -> str:
     return "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
 
 
-def evaluate_checkpoint(checkpoint_path: str, data: PreparedData, cfg: PipelineConfig, run_name: str = ""):
-    """(EvalResult, attention heatmap figure) for a Ray Train checkpoint of this dataset."""
+def evaluate_checkpoint(checkpoint_path: str, data: PreparedData, cfg: PipelineConfig,
+                        clock: StageClock | None = None, run_name: str = ""):
+    """(EvalResult, attention heatmap figure) for a Ray Train checkpoint of this dataset; `clock`
+    gets the stages `final_eval` and `figures`; the figure's title names `run_name`."""
     from flows.figures import attention_heatmaps_figure
     from flows.modelpack import export_model_pack, load_model_pack
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = load_model_pack(export_model_pack(checkpoint_path, data.path, Path(tmp) / "pack"),
-                                           device=eval_device(cfg))
-    result = evaluate_pack(model, tokenizer, data, cfg)
-    if result.samples:
-        text = result.samples[0]["prompt"] + result.samples[0]["completion"]
-    else:
-        text = tokenizer.decode(np.asarray(data.tokens("val")[:ATTENTION_TOKENS]).tolist())
-    maps, labels = attention_example(model, tokenizer, text)
-    title = f"{run_name}: attention on the first prompt and its sample" if run_name else \
-        "attention on the first prompt and its sample"
-    figure = attention_heatmaps_figure(maps, labels, title=title)
+    clock = clock or StageClock()
+    with clock.stage("final_eval"):
+        with tempfile.TemporaryDirectory() as tmp:
+            model, tokenizer = load_model_pack(export_model_pack(checkpoint_path, data.path, Path(tmp) / "pack"),
+                                               device=eval_device(cfg))
+        result = evaluate_pack(model, tokenizer, data, cfg)
+    with clock.stage("figures"):
+        if result.samples:
+            text = result.samples[0]["prompt"] + result.samples[0]["completion"]
+        else:
+            text = tokenizer.decode(np.asarray(data.tokens("val")[:ATTENTION_TOKENS]).tolist())
+        maps, labels = attention_example(model, tokenizer, text)
+        title = f"{run_name}: attention on the first prompt and its sample" if run_name else \
+            "attention on the first prompt and its sample"
+        figure = attention_heatmaps_figure(maps, labels, title=title)
     return result, figure

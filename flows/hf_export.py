@@ -39,7 +39,7 @@ from flows.tokenizer import EOT
 # (a new option of attention_core is refused until a mapping here says what it becomes).
 _MAPPED = {"vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "pos", "rope_theta", "norm",
            "mlp", "mlp_hidden", "qk_norm", "bias", "tie_embeddings", "causal",
-           "dropout", "attn_impl"}  # dropout and the attention path do not change what inference computes
+           "dropout", "attn_impl", "zero_init_proj"}  # these do not change what a trained model computes
 NORM_EPS = 1e-5  # attention_core's LayerNorm and RMSNorm
 
 

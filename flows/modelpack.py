@@ -16,12 +16,13 @@ import math
 import numbers
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from attention_core import load_model
 from flows.errors import UserError
 from flows.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # torch is imported where a model runs: checking sampling arguments needs none
+    import torch
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 # The default cap on new tokens (and on prompt tokens) per prompt, when the model's block_size is
@@ -43,6 +44,8 @@ def export_model_pack(checkpoint_dir: str | Path, data_dir: str | Path, out_dir:
 
 def load_model_pack(directory: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer) from a directory written by export_model_pack."""
+    from attention_core import load_model
+
     directory = Path(directory)
     return load_model(directory, map_location=device), load_tokenizer(directory / TOKENIZER)
 
@@ -104,6 +107,8 @@ def generate_text(model, tokenizer, prompts: list[str], *, max_new_tokens: int, 
     Every parameter and prompt is checked before anything is generated (see the module docstring);
     max_new_tokens_limit None is `default_max_new_tokens_limit(model.config.block_size)`.
     """
+    import torch
+
     limit = max_new_tokens_limit
     if limit is None:
         limit = default_max_new_tokens_limit(model.config.block_size)

@@ -227,28 +227,29 @@ def check_generation(cfg: PipelineConfig, ram: int | None = None) -> int:
 
 
 def check_resources(cfg: PipelineConfig, *, cpus: int | None = None, gpus: int | None = None) -> None:
-    """With a local Ray, refuse workers it could never place (Ray would wait for them forever)."""
+    """With a local Ray, refuse workers it could never place (Ray would wait for them forever); the
+    driver checks a joined cluster's nodes the same way (flows/train/cluster.py)."""
+    from flows.placement import shortfall
+
     tc = cfg.train
     if tc.ray_address is not None:
-        return  # a cluster may grow (autoscaling): Ray decides there
+        return  # the cluster's own nodes are checked once it is joined
     cpus = (os.cpu_count() or 1) if cpus is None else cpus
-    if tc.use_gpu:
-        gpus = len(local_gpus()) if gpus is None else gpus
-        if gpus < tc.num_workers:
-            raise UserError(f"train.use_gpu: train.num_workers={tc.num_workers} needs {tc.num_workers} GPU(s) but "
-                            f"this machine has {gpus} for the local Ray: lower train.num_workers, set "
-                            "train.use_gpu=false, or join a cluster with train.ray_address")
-    need = tc.num_workers * (tc.cpus_per_worker or 1)
-    if need > cpus:
-        key = "train.cpus_per_worker" if tc.cpus_per_worker else "train.num_workers"
-        raise UserError(f"{key}: train.num_workers={tc.num_workers} x {tc.cpus_per_worker or 1} CPU(s) each need "
-                        f"{need} CPUs but this machine has {cpus} for the local Ray: lower train.num_workers or "
-                        "train.cpus_per_worker, or join a cluster with train.ray_address")
+    gpus = (len(local_gpus()) if tc.use_gpu else 0) if gpus is None else gpus
+    need = {"CPU": tc.cpus_per_worker or 1, **({"GPU": 1} if tc.use_gpu else {})}
+    short = shortfall(tc.num_workers, need, [{"CPU": cpus, "GPU": gpus}], tc.placement_strategy,
+                      cpus_configured=tc.cpus_per_worker is not None)
+    if short:
+        raise UserError(f"{short.key}: {short.asked} cannot be placed on the local Ray, this machine has {cpus} CPU "
+                        f"and {gpus} GPU: {short.advice}, or join a cluster with train.ray_address")
 
 
 def check_before_run(cfg: PipelineConfig) -> MemoryEstimate:
     """Everything the environment can tell before a run starts: the CLI's `run` and the flow's entry
     call it after loading the config (and filling in the environment). Raises UserError."""
+    from flows.train.runs import check_run_settings
+
+    check_run_settings(cfg)  # a reused train.run_name resumes only the training it started
     check_resources(cfg)
     estimate = check_memory(cfg)
     check_generation(cfg)

@@ -8,7 +8,8 @@ images that hold the project), and MLFLOW_TRACKING_URI / PREFECT_API_URL passed 
 else from this machine's environment is shipped: credentials for MLflow or S3 belong on the cluster
 nodes, and the Ray token (RAY_AUTH_TOKEN) only authenticates this client's requests. The environment
 is the caller's to pass (`environ`, the CLI's os.environ): this module reads none of its own.
-An unreachable dashboard or a rejected token is a `UserError` (one line, exit code 2).
+An unreachable dashboard or a rejected token is a `UserError` (one line, exit code 2), and so is a relative
+workdir or train.storage_path: the job's working directory, and all under it, is deleted when it ends.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
-from flows.config import load_config
+from flows.config import PipelineConfig, load_config
 from flows.errors import UserError
 from flows.masking import mask_uri
 
@@ -98,9 +99,41 @@ def build_entrypoint(config: str | None, overrides: Iterable[str], *, config_jso
     """`python -m flows run --config-json <the validated config>`: validated here, before any upload, so a
     bad key or value fails on this machine, naming it; the cluster parses the JSON once and re-encodes nothing.
     Keys left unset (registry.tracking_uri, train.ray_address) stay unset, for the job's environment to fill."""
-    cfg = load_config(config, list(overrides), json_text=config_json)
+    return entrypoint_for(load_config(config, list(overrides), json_text=config_json))
+
+
+def entrypoint_for(cfg: PipelineConfig) -> str:
     payload = json.dumps(cfg.model_dump(mode="json"), separators=(",", ":"))
     return shlex.join(["python", "-m", "flows", "run", "--config-json", payload])
+
+
+_JOB_DIR = ("a Ray Job runs in a temporary working directory that the cluster deletes when the job ends, "
+            "and a relative path would put {what} there")
+_WHERE = ("pass an absolute path on storage every node shares (--set workdir=/shared/attention) or an object-store "
+          "train.storage_path (--set train.storage_path=s3://bucket/prefix)")
+
+
+def check_job_paths(cfg: PipelineConfig, environ: Mapping[str, str]) -> None:
+    """Refuse relative paths whose contents would die with the job's working directory: train.storage_path
+    (checkpoints, staged data); workdir (prepared data, and checkpoints and the MLflow store unless they
+    live elsewhere) unless train.storage_path is an object store and the registry a tracking server."""
+    storage = cfg.train.storage_path
+    if storage is not None and "://" not in storage and not Path(storage).expanduser().is_absolute():
+        raise UserError(f"train.storage_path: {storage!r} is relative: {_JOB_DIR.format(what='the checkpoints')}; "
+                        "pass an absolute path on storage every node shares, or an object-store URI "
+                        "(s3://bucket/prefix)")
+    if Path(cfg.workdir).expanduser().is_absolute():
+        return
+    object_store = storage is not None and "://" in storage and not storage.startswith("file://")
+    tracking = cfg.registry.tracking_uri or environ.get("MLFLOW_TRACKING_URI")
+    if object_store and tracking:
+        return  # only the prepared data, re-made (or staged) by each run, lives under the job's directory
+    if object_store:
+        raise UserError(f"workdir: {cfg.workdir!r} is relative and would hold the MLflow store (no "
+                        f"registry.tracking_uri or MLFLOW_TRACKING_URI): {_JOB_DIR.format(what='it')}; pass an "
+                        "absolute workdir on shared storage, or set MLFLOW_TRACKING_URI to a tracking server")
+    what = "the prepared data, the checkpoints and the MLflow store"
+    raise UserError(f"workdir: {cfg.workdir!r} is relative: {_JOB_DIR.format(what=what)}; {_WHERE}")
 
 
 # --------------------------------------------------------------------------------- the cluster
@@ -220,7 +253,9 @@ def submit_pipeline(address: str | None, *, config: str | None = None, config_js
     environ: the caller's environment (the CLI passes os.environ; None: an empty one)."""
     out = out or sys.stdout
     environ = {} if environ is None else environ
-    entrypoint = build_entrypoint(config, overrides, config_json=config_json)
+    cfg = load_config(config, list(overrides), json_text=config_json)
+    check_job_paths(cfg, environ)  # before anything is uploaded
+    entrypoint = entrypoint_for(cfg)
     runtime_env = build_runtime_env(project_dir, pip=pip, environ=environ)
     address = normalize_address(address)
     client = connect(address, environ)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
+# One Ray auth setting for the whole session. Ray reads it once per process, so an in-process driver
+# cannot switch between clusters with different settings; every cluster a test starts (local or with
+# `ray start`) uses token auth (Ray's default) with this session's token, unless it tests another one
+# from a client process of its own (test_submit_cluster).
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(24))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
@@ -148,3 +155,69 @@ def postgres_database(postgres_url):
     yield make
     for name in created:
         run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --------------------------------------------------------------------------------------------------
+# A real S3-compatible server: moto's standalone server (`python -m moto.server`), in its own process
+# so that Ray workers in other processes reach it over HTTP like any S3 endpoint.
+
+class S3Server:
+    """A running moto server: its endpoint, the AWS variables that point any client at it (pyarrow's
+    `FileSystem.from_uri`, hence Ray Train, honours AWS_ENDPOINT_URL), and a bucket maker."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "moto-test-key",
+                    "AWS_SECRET_ACCESS_KEY": "moto-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def filesystem(self):
+        """A pyarrow S3FileSystem on this server (explicit options: the constructor ignores AWS_ENDPOINT_URL)."""
+        import pyarrow.fs as pafs
+
+        host = self.endpoint.split("://", 1)[1]
+        return pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key=self.env["AWS_ACCESS_KEY_ID"],
+                                 secret_key=self.env["AWS_SECRET_ACCESS_KEY"], region="us-east-1",
+                                 allow_bucket_creation=True)
+
+    def bucket(self, prefix: str = "test") -> str:
+        """Create a new, uniquely named bucket; returns its name."""
+        import uuid
+
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.filesystem().create_dir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(free_port, tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 (a free port) for the session; stopped (by its pid) at the end."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start on {endpoint}: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield S3Server(endpoint)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -53,10 +53,13 @@ def file_lock(path: Path) -> Iterator[None]:
 
 def shared_prefect_api() -> str | None:
     """The Prefect API this process is configured with (PREFECT_API_URL, a profile, a test harness), or
-    None when it would start a temporary server of its own."""
+    None when it uses a temporary server of its own (Prefect's, or the one `flows run` starts)."""
     from prefect.settings import get_current_settings
 
-    return get_current_settings().api.url or None
+    from flows.prefect_server import is_temporary
+
+    url = get_current_settings().api.url or None
+    return None if url is None or is_temporary(url) else url
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """The pipeline's MLflow run: found by its flow-run id, its params, tags and lineage, the evaluation logged once.
 
 One MLflow run per Prefect flow run, found again by the `prefect.flow_run_id` tag, so a retried task
-never creates a second run. Everything here goes through an `MlflowClient` built for an explicit
+never creates a second run. A run records the process that drives it, and a new run closes the runs that
+dead drivers left RUNNING, or refuses to train a Ray Train run a live driver is training (drivers.py). Everything here goes through an `MlflowClient` built for an explicit
 tracking URI (`mlflow_client`): nothing reads or changes MLflow's process-wide tracking URI, so two
 pipelines in one process (a test session, a notebook) never write to each other's store.
 """
@@ -19,9 +20,11 @@ from pathlib import Path
 from flows.config import PipelineConfig
 from flows.evaluate import EvalResult
 from flows.masking import mask_uri, mask_values
+from flows.registry.drivers import DRIVER_TAG, RAY_RUN_TAG, close_stale_runs, driver_record
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 SAMPLES_TABLE = "samples.json"
+NUM_PARAMS = "model.num_params"  # the model's size as nanoGPT counts it (flows/evaluate.py)
 # The MLflow UI opens an experiment of this kind in its model-training view (runs, charts, models), not
 # in the GenAI view (traces, judges, prompts) that MLflow 3 shows by default.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -79,13 +82,16 @@ def _shared_sqlite_store(tracking_uri: str) -> str:
     from mlflow.tracking import MlflowClient
 
     from flows.registry.lock import file_lock
+    from flows.registry.store_template import create_store
 
     if "?" in tracking_uri:  # the user chose the connection's options
         return tracking_uri
     db = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
     store = f"{tracking_uri}?timeout={SQLITE_BUSY_TIMEOUT_S}"
     with file_lock(db.with_name(f"{db.name}.init.lock")):
-        MlflowClient(tracking_uri=store).search_experiments(max_results=1)  # MLflow creates the tables here
+        if not db.exists():
+            create_store(db)  # a copy of an empty store: no migrations to replay (store_template.py)
+        MlflowClient(tracking_uri=store).search_experiments(max_results=1)  # MLflow creates or checks the tables
     return store
 
 
@@ -194,15 +200,26 @@ def _local_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def _find_run(client, experiment_id: str, flow_run_id: str) -> str | None:
+def _find_run(client, experiment_id: str, flow_run_id: str):
     found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = {quoted(flow_run_id)}",
                                max_results=1)
-    return found[0].info.run_id if found else None
+    return found[0] if found else None
+
+
+def _take_over(client, run) -> None:
+    """This process drives the flow run's MLflow run now (a retry of the flow run in another process):
+    record it, and reopen a run that was closed meanwhile."""
+    if run.data.tags.get(DRIVER_TAG) != driver_record():
+        client.set_tag(run.info.run_id, DRIVER_TAG, driver_record())
+    if run.info.status != "RUNNING":
+        client.update_run(run.info.run_id, status="RUNNING")
 
 
 def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: str, run_name: str,
-                       tags: dict[str, str] | None = None) -> str:
-    """Return the MLflow run of this flow run, creating it (with params and tags) the first time."""
+                       tags: dict[str, str] | None = None, ray_run_name: str | None = None) -> str:
+    """Return the MLflow run of this flow run, creating it (with params and tags) the first time; a new
+    run first closes the runs dead drivers left RUNNING (drivers.py: UserError when a live driver is
+    training `ray_run_name`)."""
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
@@ -219,11 +236,13 @@ def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
             exp_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id  # created concurrently
     else:
         exp_id = exp.experiment_id
-    if (run_id := _find_run(client, exp_id, flow_run_id)) is not None:
-        return run_id
-    tags = {FLOW_RUN_TAG: flow_run_id, **created_by(), "mlflow.note.content": run_description(cfg),
-            **mask_values(tags or {})}
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    if (found := _find_run(client, exp_id, flow_run_id)) is not None:
+        _take_over(client, found)
+        return found.info.run_id
+    close_stale_runs(client, exp_id, ray_run_name, closed_by=f"prefect flow run {flow_run_id}")
+    own = {FLOW_RUN_TAG: flow_run_id, DRIVER_TAG: driver_record(), **({RAY_RUN_TAG: ray_run_name} if ray_run_name else {}),
+           **created_by(), "mlflow.note.content": run_description(cfg)}
+    run = client.create_run(exp_id, run_name=run_name, tags={**own, **mask_values(tags or {})})
     # Params are shown to anyone who can read the experiment: a URI's credentials are masked.
     params = [Param(k, v[:6000]) for k, v in mask_values(run_params(cfg)).items()]
     for i in range(0, len(params), 100):  # log_batch takes at most 100 params
@@ -237,10 +256,21 @@ def close_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
     exp = client.get_experiment_by_name(cfg.registry.experiment)
     if exp is None:
         return None
-    run_id = _find_run(client, exp.experiment_id, flow_run_id)
-    if run_id is not None:
-        client.set_terminated(run_id, status=status)
-    return run_id
+    run = _find_run(client, exp.experiment_id, flow_run_id)
+    if run is None:
+        return None
+    client.set_terminated(run.info.run_id, status=status)
+    return run.info.run_id
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log metrics at one step (at the same step, a retry's later value is the run's value)."""
+    from mlflow.entities import Metric
+
+    if metrics:
+        ts = int(time.time() * 1000)
+        mlflow_client(tracking_uri).log_batch(run_id, metrics=[Metric(k, float(v), ts, step)
+                                                               for k, v in metrics.items()])
 
 
 def set_run_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
@@ -255,16 +285,20 @@ def metric_points(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def log_evaluation(tracking_uri: str, run_id: str, result: EvalResult, figures: dict | None = None) -> None:
-    """Log metrics, the samples table and figures once: a retry re-logs nothing that is there already."""
-    from mlflow.entities import Metric, RunTag
+    """Log the parameter count, metrics, the samples table and figures once: a retry re-logs nothing
+    that is there already."""
+    from mlflow.entities import Metric, Param, RunTag
 
     from flows.figures import figure_pixels, loss_curves_figure
 
     client = mlflow_client(tracking_uri)
-    if "eval_bits_per_byte" in client.get_run(run_id).data.metrics:
+    run = client.get_run(run_id)
+    if "eval_bits_per_byte" in run.data.metrics:
         return  # the metrics go last, so an earlier attempt logged everything
+    if result.num_params is not None and NUM_PARAMS not in run.data.params:  # params are immutable
+        client.log_batch(run_id, params=[Param(NUM_PARAMS, str(result.num_params))])
     figures = dict(figures or {})
-    run_name = client.get_run(run_id).info.run_name
+    run_name = run.info.run_name
     figures["loss_curves.png"] = loss_curves_figure(metric_points(client, run_id, "train_loss"),
                                                     metric_points(client, run_id, "val_loss"),
                                                     title=f"{run_name}: loss (train: sampled batches; val: fixed batches)")

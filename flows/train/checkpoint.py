@@ -11,9 +11,11 @@ hands the directory to Ray Train; `local_checkpoint` gives the driver the final 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +24,8 @@ import torch
 from attention_core import TrainState, Transformer, unwrap_model
 from flows.config import PipelineConfig
 from flows.train.job import TrainResult
+
+UNSENT_METRICS = "unsent_metrics"  # extra's key: rank 0's MLflow points (key, value, timestamp, step) not yet sent
 
 
 def _rank() -> int:
@@ -39,6 +43,7 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, di
         get_model_state_dict,
         get_optimizer_state_dict,
     )
+    from torch.distributed.tensor import DTensor
 
     raw = unwrap_model(model)
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)  # with cpu_offload only rank 0 gets it
@@ -46,10 +51,17 @@ def save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, di
     optimizer_state = get_optimizer_state_dict(raw, optimizer, options=opts)
     if _rank() != 0:
         return False
-    plain = Transformer(raw.config)
-    plain.load_state_dict(weights)  # strict: every weight was gathered
-    TrainState(model=plain, optimizer=optimizer_state, step=step, extra=extra).save(directory)
+    holder = raw  # replicated (DDP, one process): the model holds the full weights itself
+    if any(isinstance(p, DTensor) for p in raw.parameters()):  # sharded: a plain model for the gathered ones
+        holder = Transformer(raw.config)
+        holder.load_state_dict(weights)  # strict: every weight was gathered
+    TrainState(model=holder, optimizer=optimizer_state, step=step, extra=extra).save(directory)
     return True
+
+
+def checkpoint_extra(directory: str | os.PathLike) -> dict:
+    """The run metadata saved with a checkpoint (TrainState's `extra`), without loading any tensor."""
+    return json.loads((Path(directory) / TrainState.STATE).read_text())["extra"]
 
 
 def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -73,18 +85,23 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def report_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                      cfg: PipelineConfig, metrics: dict[str, float]) -> None:
+                      cfg: PipelineConfig, metrics: dict[str, float], unsent_metrics: list | None = None) -> None:
     """Save and report the checkpoint of `step` to Ray Train with the latest metrics. All ranks
-    report (it is a barrier); rank 0 alone writes and hands over the files."""
+    report (it is a barrier); rank 0 alone writes and hands over the files, with the MLflow metric
+    points it has not sent yet (an attempt that resumes from it sends them)."""
     import ray.train
 
-    extra = {"pipeline": cfg.model_dump(mode="json"), "strategy": cfg.train.strategy}
+    extra = {"pipeline": cfg.model_dump(mode="json"), "strategy": cfg.train.strategy,
+             UNSENT_METRICS: [list(p) for p in unsent_metrics or []]}
     report = {"step": step, **{k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}}
-    with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp) / "checkpoint"
-        written = save_checkpoint(model, optimizer, directory, step=step, extra=extra)
-        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if written else None
-        ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}")
+    # Ray Train copies the files to the storage path in a background thread and then deletes them, so
+    # training goes on while they travel; it waits for the copies before the run ends, and a resume or
+    # get_all_reported_checkpoints() sees only checkpoints whose copy completed.
+    directory = Path(tempfile.gettempdir()) / "attention-pipeline" / "checkpoints" / f"{uuid.uuid4().hex}-{step:08d}"
+    written = save_checkpoint(model, optimizer, directory, step=step, extra=extra)
+    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if written else None
+    ray.train.report(report, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:08d}",
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
 
 @contextmanager

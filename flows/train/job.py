@@ -39,6 +39,7 @@ class TrainResult(BaseModel):
     run_name: str
     storage_path: str
     metrics: dict[str, float]
+    stage_seconds: dict[str, float] = {}  # the driver's stages (flows/timing.py): worker start-up, tear-down
 
 
 def model_config_for(cfg: PipelineConfig, vocab_size: int) -> ModelConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +24,22 @@ import torch
 from attention_core import (StepResult, Transformer, configure_optimizer, lr_at, peak_flops, train_step,
                             unwrap_model)
 from flows.config import PipelineConfig
+from flows.timing import StageClock
 from flows.train.batches import mix_seed, sample_batch
-from flows.train.checkpoint import report_checkpoint, restore_checkpoint
+from flows.train.checkpoint import UNSENT_METRICS, checkpoint_extra, report_checkpoint, restore_checkpoint
 from flows.train.job import FaultInjection, TrainJob, global_batch_tokens, model_config_for
 from flows.train.metrics import DivergenceWatch, MetricsLogger, Throughput, all_reduce_mean, print_progress
 from flows.train.staging import localize_data
 
 
 DIVERGED = "diverged"  # the key of the return value that says training stopped on a non-finite step
+STARTED_AT, FINISHED_AT = "started_at", "finished_at"  # rank 0's wall clock at the loop's ends (timing)
 
 
-def train_loop_per_worker(config: dict) -> dict[str, str] | None:
-    """Train this rank; returns {DIVERGED: message} if a step's loss or gradient norm was not finite."""
+def train_loop_per_worker(config: dict) -> dict[str, str | float]:
+    """Train this rank; returns {DIVERGED: message} if a step's loss or gradient norm was not finite,
+    else when the loop began and ended ({STARTED_AT, FINISHED_AT}: the driver's stage times)."""
+    started_at, clock = time.time(), StageClock()  # stages of rank 0, logged with its metrics
     job = TrainJob.model_validate(config)
     import ray.train
     import ray.train.torch
@@ -47,7 +52,7 @@ def train_loop_per_worker(config: dict) -> dict[str, str] | None:
     _use_assigned_cpus()
 
     model, optimizer = _build(cfg, data.vocab_size, device)
-    start_step = _resume(model, optimizer)
+    start_step, unsent_metrics = _resume(model, optimizer)
     if tc.compile:
         model = torch.compile(model)
 
@@ -55,14 +60,16 @@ def train_loop_per_worker(config: dict) -> dict[str, str] | None:
     autocast = _autocast_dtype(tc.precision, device)
     meter = Throughput(global_batch_tokens(cfg) // tc.num_workers * world, unwrap_model(model).flops_per_token(),
                        peak_flops(device), world, start_step)
-    logger = MetricsLogger(job, world, device) if rank == 0 else None
+    logger = MetricsLogger(job, world, device, carried=unsent_metrics, resumed_from=start_step) if rank == 0 else None
     last: dict[str, float] = {}
     watch = DivergenceWatch(tc.lr, tc.grad_clip, start_step)
+    clock.lap("worker_setup")
     try:
         for step in range(start_step, tc.max_steps):
             torch.manual_seed(mix_seed(tc.seed, step, rank))  # dropout: a function of (seed, step, rank)
             batches = _micro_batches(train_tokens, cfg, step, rank, world, device)
-            lr = lr_at(step, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps)
+            lr = lr_at(step, lr=tc.lr, min_lr=tc.min_lr, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps,
+                       schedule=tc.schedule, decay_fraction=tc.decay_fraction)
             result = train_step(model, optimizer, batches, lr=lr, grad_clip=tc.grad_clip,
                                 autocast_dtype=autocast, device_type=device.type)
             done = step + 1
@@ -81,21 +88,28 @@ def train_loop_per_worker(config: dict) -> dict[str, str] | None:
                 if rank == 0:
                     print_progress(done, tc.max_steps, loss, lr, metrics["tokens_per_sec"],
                                    meter.eta(done, tc.max_steps))
+            step_stage = "first_step" if step == start_step else "training"
             if done % tc.eval_interval == 0 or checkpoint_now:
+                clock.lap(step_stage)
                 val = estimate_val_loss(model, val_tokens, cfg, rank, world, device, autocast)
                 metrics["val_loss"] = all_reduce_mean(val)
+                clock.lap("evaluations")
             if logger and metrics:
                 logger.log(metrics, step=done)
             last.update(metrics)
+            clock.lap(step_stage)
 
             if checkpoint_now:
-                report_checkpoint(model, optimizer, done, cfg, last)
+                report_checkpoint(model, optimizer, done, cfg, last, logger.unsent() if logger else None)
+                clock.lap("checkpoints")
+                if logger:
+                    logger.log(clock.metrics(), step=done)
                 if job.fault and rank == 0 and done == job.fault.after_step:
                     _inject_fault(job.fault)
     finally:
         if logger:
             logger.close()
-    return None
+    return {STARTED_AT: started_at, FINISHED_AT: time.time()}
 
 
 def _stop_diverged(message: str, result: StepResult, logger: MetricsLogger | None, step: int) -> dict[str, str]:
@@ -131,12 +145,14 @@ def _use_assigned_cpus() -> None:
 
 def _build(cfg: PipelineConfig, vocab_size: int, device: torch.device):
     """The Transformer, identically initialised on every rank and wrapped for data parallelism,
-    and its AdamW optimizer."""
+    and its optimizer (AdamW, or Muon with AdamW)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)  # identical init on every rank
     model = _parallelize(Transformer(model_config_for(cfg, vocab_size)), tc.strategy)
     optimizer = configure_optimizer(unwrap_model(model), lr=tc.lr, weight_decay=tc.weight_decay,
-                                    betas=(tc.beta1, tc.beta2), device_type=device.type)
+                                    betas=(tc.beta1, tc.beta2), device_type=device.type, optimizer=tc.optimizer,
+                                    muon_lr=tc.muon_lr, muon_momentum=tc.muon_momentum,
+                                    muon_weight_decay=tc.muon_weight_decay)
     return model, optimizer
 
 
@@ -154,15 +170,16 @@ def _parallelize(model: Transformer, strategy: str) -> torch.nn.Module:
     return fully_shard(model)
 
 
-def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore Ray Train's latest checkpoint of this run, if any; returns the step to start from."""
+def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
+    """Restore Ray Train's latest checkpoint of this run, if any; returns the step to start from and
+    the MLflow metric points the attempt that wrote it had not sent."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        return 0
+        return 0, []
     with checkpoint.as_directory() as directory:
-        return restore_checkpoint(model, optimizer, directory)
+        return restore_checkpoint(model, optimizer, directory), checkpoint_extra(directory).get(UNSENT_METRICS, [])
 
 
 def _micro_batches(tokens: np.ndarray, cfg: PipelineConfig, step: int, rank: int, world: int,

@@ -2,21 +2,24 @@
 
 `Throughput` turns step counts and the clock into tokens per second, model FLOPs utilisation (when
 the device's peak is known) and an ETA. `print_progress` writes rank 0's one-line status.
-`MetricsLogger` is rank 0's MLflow client, logging to the flow's run with an explicit tracking URI
-(workers share no MLflow global state with the driver). `all_reduce_mean` averages a value over ranks.
-`DivergenceWatch` notices the first step whose loss or gradient norm is not finite and words the one
-line that stops the run.
+`MetricsLogger` is rank 0's MLflow logging to the flow's run with an explicit tracking URI (workers
+share no MLflow global state with the driver), kept off the loop's critical path by metric_buffer.py.
+`all_reduce_mean` averages a value over ranks. `DivergenceWatch` notices the first step whose loss or
+gradient norm is not finite and words the one line that stops the run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
 import torch
 
 from flows.train.job import TrainJob, global_batch_tokens
+from flows.train.metric_buffer import MetricBuffer, Point
+from flows.train.store_reach import require_store_here
 
 
 def all_reduce_mean(value: torch.Tensor) -> float:
@@ -99,41 +102,46 @@ def print_progress(done: int, total: int, loss: float, lr: float, tps: float, et
 
 
 class MetricsLogger:
-    """Rank 0's MLflow client: metrics over steps and system metrics, logged to the flow's run with
-    an explicit tracking URI (workers share no MLflow global state with the driver)."""
+    """Rank 0's MLflow logging to the flow's run, with an explicit tracking URI (workers share no MLflow
+    global state with the driver), through a `MetricBuffer`: a tracking store that is down or locked
+    holds no training step up, and no logging failure ends training."""
 
-    def __init__(self, job: TrainJob, world: int, device: torch.device):
-        self.client = self.monitor = None
+    def __init__(self, job: TrainJob, world: int, device: torch.device, *, carried: list | None = None,
+                 resumed_from: int = 0):
+        """carried: the [key, value, timestamp, step] points the checkpoint resumed from holds unsent;
+        resumed_from: its step (0: a fresh start)."""
+        self.buffer: MetricBuffer | None = None
         if not (job.tracking_uri and job.mlflow_run_id):
             return
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
+        _short_http_tries()
+        require_store_here(job.tracking_uri)  # never a store of its own on a node that cannot see the driver's
         cfg = job.pipeline
-        self.client, self.run_id = MlflowClient(tracking_uri=job.tracking_uri), job.mlflow_run_id
         params = {"global_batch_tokens": global_batch_tokens(cfg) // cfg.train.num_workers * world,
                   "world_size": world, "device": str(device)}
-        existing = self.client.get_run(self.run_id).data.params
-        fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-        if fresh:  # a resumed attempt must not re-log (MLflow params are immutable)
-            self.client.log_batch(self.run_id, params=fresh)
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=5, resume_logging=True,
-                                                tracking_uri=job.tracking_uri)
-            self.monitor.start()
-        except Exception as exc:  # noqa: BLE001 - system metrics are a nicety, never a failure
-            sys.stderr.write(f"system metrics disabled: {exc}\n")
+        points = [Point(str(k), float(v), int(ts), int(step)) for k, v, ts, step in carried or []]
+        self.buffer = MetricBuffer(job.tracking_uri, job.mlflow_run_id, system_metrics=True, carried=points,
+                                   resumed_from=resumed_from, params={k: str(v) for k, v in params.items()})
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
+        if self.buffer is not None:
+            self.buffer.add(metrics, step)
 
-        ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+    def unsent(self) -> list[Point]:
+        """The points not yet in the store, for the checkpoint to carry."""
+        return self.buffer.unsent() if self.buffer is not None else []
 
     def close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.finish()
+        """Flush what is held (waiting a bounded time); says how many points were not logged, if any."""
+        if self.buffer is not None:
+            self.buffer.close()
+
+
+def _short_http_tries() -> None:
+    """One try per request, 20 s at most, unless this worker's environment says otherwise.
+
+    MLflow's HTTP client retries a request for about 4 minutes by default; the buffer's thread retries
+    itself, with a backlog to send, and the end of training waits for it a bounded time. MLflow reads
+    these variables at each request and has no per-call setting; only this worker process sees them.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")

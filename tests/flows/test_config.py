@@ -39,6 +39,11 @@ def test_override_values_are_yaml_scalars():
         (["data.val_fraction=1.5"], "data.val_fraction"),
         (["train.min_lr=1", "train.lr=0.1"], "train.min_lr"),
         (["model.n_kv_head=3"], "model.n_kv_head"),
+        (["train.optimizer=sgd"], "train.optimizer"),
+        (["train.schedule=step"], "train.schedule"),
+        (["train.decay_fraction=1.5"], "train.decay_fraction"),
+        (["model.logit_softcap=-1"], "model.logit_softcap"),
+        (["model.mlp=relu"], "model.mlp"),
     ],
 )
 def test_bad_values_name_the_key(override, key):
@@ -56,3 +61,11 @@ def test_missing_config_file_names_it(tmp_path: Path):
 def test_round_trips_through_a_plain_dict():
     cfg = load_config(overrides=["model.n_layer=2"])
     assert PipelineConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_muon_is_refused_under_fsdp_in_one_line():
+    with pytest.raises(UserError, match=r"^invalid config: train.optimizer: muon .* use train.strategy=ddp"):
+        load_config(overrides=["train.optimizer=muon", "train.strategy=fsdp"])
+    cfg = load_config(overrides=["train.optimizer=muon", "train.schedule=wsd", "model.logit_softcap=15",
+                                 "model.mlp=relu2", "model.zero_init_proj=true"])
+    assert (cfg.train.optimizer, cfg.train.schedule, cfg.model.logit_softcap) == ("muon", "wsd", 15.0)

@@ -96,6 +96,8 @@ def test_exported_tokenizer_is_a_stock_fast_tokenizer_with_end_of_text(kind, tok
     ({"pos": "rope", "norm": "rmsnorm", "mlp": "gelu"}, "model.mlp"),
     ({"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": True}, "model.bias"),
     ({"causal": False}, "model.causal"),
+    ({"mlp": "relu2"}, "model.mlp"),
+    ({"logit_softcap": 30.0}, "model.logit_softcap"),  # Gemma 2 caps logits, but is no GPT-2 otherwise
 ])
 def test_an_option_without_a_stock_equivalent_is_refused_by_name(options, key, tmp_path):
     cfg = ModelConfig(vocab_size=20, block_size=16, n_layer=1, n_head=4, n_embd=16, **options)
@@ -112,8 +114,8 @@ def test_an_option_no_mapping_knows_is_refused_not_dropped():
 
     @dataclasses.dataclass
     class WithNewOption(ModelConfig):
-        logit_softcap: float = 0.0
+        value_embeddings: int = 0
 
     assert family(WithNewOption(vocab_size=8)) == "gpt2"
-    with pytest.raises(ExportError, match=r"^model\.logit_softcap=30\.0 has no equivalent"):
-        family(WithNewOption(vocab_size=8, logit_softcap=30.0))
+    with pytest.raises(ExportError, match=r"^model\.value_embeddings=2 has no equivalent"):
+        family(WithNewOption(vocab_size=8, value_embeddings=2))

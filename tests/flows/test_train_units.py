@@ -69,7 +69,7 @@ def test_data_staged_under_storage_reaches_a_node_without_the_workdir(tmp_path, 
     stage_data(data, storage)  # idempotent
     staged = staged_data_uri(str(tmp_path / "storage"), "abc123")
     assert sorted(p.name for p in Path(staged).iterdir()) == \
-        ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+        ["_COMMITTED", "meta.json", "tokenizer.json", "train.bin", "val.bin"]
 
     elsewhere = data.model_copy(update={"path": str(tmp_path / "not-on-this-node")})
     local = localize_data(elsewhere, storage)
@@ -93,3 +93,22 @@ def test_a_split_of_exactly_one_window_samples_it():
     tokens = np.arange(17, dtype=np.uint16)
     x, y = sample_batch(tokens, batch_size=3, block_size=16, seed=0, step=0)
     assert x.tolist() == [list(range(16))] * 3 and y.tolist() == [list(range(1, 17))] * 3
+
+
+def test_a_copy_staged_before_commit_markers_is_adopted_only_when_it_holds_the_prepared_files(tmp_path):
+    import shutil
+
+    from flows.train.staging import COMMITTED
+
+    data = _prepared(tmp_path)
+    storage = tmp_path / "storage"
+    staged = Path(staged_data_uri(str(storage), data.fingerprint))
+    shutil.copytree(data.path, staged)  # what staging wrote before markers: the whole copy, no marker
+    stage_data(data, str(storage))
+    assert (staged / COMMITTED).is_file()
+
+    (staged / COMMITTED).unlink()
+    (staged / "train.bin").write_bytes(b"\0")  # not this dataset's files: refused, never committed
+    with pytest.raises(OSError, match="not a staged copy of this dataset"):
+        stage_data(data, str(storage))
+    assert not (staged / COMMITTED).exists()

@@ -123,6 +123,29 @@ def test_registration_records_the_gate_and_publishes_prefect_artifacts(pipeline_
     assert f"/runs/{run.info.run_id}" in str(artifacts["mlflow-run"].data)
 
 
+def test_stage_times_and_parameter_count_are_logged_and_summarised(pipeline_run):
+    from attention_core import TrainState
+
+    cfg, flow_run_id, _, client, run = pipeline_run
+    stages = {k.removeprefix("stage_seconds."): v for k, v in run.data.metrics.items() if k.startswith("stage_seconds.")}
+    # every stage of a flow run (the CLI's own, startup to flow_start, come only with `flows run`)
+    assert set(stages) == {"prep", "mlflow_run", "ray_start", "worker_startup", "worker_setup", "first_step",
+                           "training", "evaluations", "checkpoints", "train_teardown", "ray_stop", "final_eval",
+                           "figures", "model_logging", "gate"}
+    assert all(v >= 0 for v in stages.values())
+    # rank 0 logs its running totals at each checkpoint (6 and 12): the run shows the whole loop's
+    history = sorted(client.get_metric_history(run.info.run_id, "stage_seconds.checkpoints"), key=lambda m: m.step)
+    assert [m.step for m in history] == [6, 12] and history[0].value <= history[1].value == stages["checkpoints"]
+    model = TrainState.read(run.data.tags["ray.checkpoint_path"]).model
+    expected = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()  # nanoGPT's count
+    assert run.data.params["model.num_params"] == str(expected)
+    with prefect_client() as prefect:
+        [summary] = [a for a in prefect.read_artifacts(flow_run_filter=flow_run_filter(flow_run_id))
+                     if a.key == "pipeline-summary"]
+    assert "## Stage times" in summary.data and "| worker_startup | " in summary.data
+    assert f"| {expected:,} |" in summary.data
+
+
 def test_retried_evaluation_and_registration_change_nothing(pipeline_run, monkeypatch):
     """Each task fails once right after its MLflow side effects; Prefect retries it, and the retry
     finds the run, the logged metrics, the model version and the recorded decision."""

@@ -200,7 +200,8 @@ def test_submit_trains_on_two_nodes_and_registers(tmp_path: Path):
 
         # No token, then a wrong one: one line on stderr, exit code 2, nothing submitted.
         for extra, expected in (({}, "requires a token"), ({"RAY_AUTH_TOKEN": "not-the-token"}, "rejected the token")):
-            denied = _submit(["--address", cluster.address, "--no-pip", "--no-wait"], {**client_env, **extra})
+            denied = _submit(["--address", cluster.address, "--no-pip", "--no-wait", "--config", str(config)],
+                             {**client_env, **extra})
             assert denied.returncode == 2, denied.stderr
             assert expected in denied.stderr and len(denied.stderr.strip().splitlines()) == 1, denied.stderr
 

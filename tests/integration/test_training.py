@@ -49,9 +49,11 @@ def _mlflow_run(tmp_path: Path):
     return uri, client, client.create_run(exp).info.run_id
 
 
-def test_sigkilled_worker_resumes_bitwise_exactly(tmp_path: Path, corpus: Path, ray_local):
-    # dropout > 0 and 2 micro-batches: resume must also restore what randomness and accumulation do
-    cfg, data = _setup(tmp_path, corpus, "model.dropout=0.1", "train.grad_accum=2", "train.max_failures=1")
+def test_sigkilled_ddp_worker_resumes_bitwise_exactly(tmp_path: Path, corpus: Path, ray_local):
+    # two DDP workers (1 CPU each), dropout > 0 and 2 micro-batches: the resume must restore what every
+    # rank's randomness, its share of each batch and gradient accumulation do, on both ranks
+    cfg, data = _setup(tmp_path, corpus, "model.dropout=0.1", "train.grad_accum=2", "train.num_workers=2",
+                       "train.max_failures=1")
     clean = train_model(cfg, data, run_name="uninterrupted")
 
     marker = tmp_path / "killed"
@@ -59,7 +61,8 @@ def test_sigkilled_worker_resumes_bitwise_exactly(tmp_path: Path, corpus: Path, 
     killed = train_model(cfg, data, run_name="killed", tracking_uri=uri, mlflow_run_id=run_id,
                          fault=FaultInjection(after_step=8, marker=str(marker)))
 
-    assert marker.exists(), "the worker was not killed"
+    assert marker.exists(), "rank 0 was not killed"
+    assert client.get_run(run_id).data.params["world_size"] == "2"
     # logged at 3 and 6 before the kill, 9 and 12 after: resumed at step 9, not restarted
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == [3, 6, 9, 12]
     assert Path(killed.checkpoint_path).name == "checkpoint_00000012"
@@ -86,12 +89,13 @@ def test_two_ddp_workers_match_one_worker_with_twice_the_batch(tmp_path: Path, c
     assert curve[run_one][-1] < curve[run_one][0]
 
 
-def test_fsdp2_trains_checkpoints_and_resumes(tmp_path: Path, corpus: Path, ray_local):
+def test_fsdp2_trains_checkpoints_and_resumes_bitwise_exactly(tmp_path: Path, corpus: Path, ray_local):
     from attention_core import load_weights, Transformer
     from flows.train import model_config_for
 
     cfg, data = _setup(tmp_path, corpus, "train.strategy=fsdp", "train.num_workers=2", "train.max_steps=8",
                        "train.max_failures=1")
+    clean = train_model(cfg, data, run_name="fsdp-uninterrupted")
     uri, client, run_id = _mlflow_run(tmp_path)
     marker = tmp_path / "killed"
     result = train_model(cfg, data, run_name="fsdp", tracking_uri=uri, mlflow_run_id=run_id,
@@ -105,3 +109,8 @@ def test_fsdp2_trains_checkpoints_and_resumes(tmp_path: Path, corpus: Path, ray_
     # ... in the one TrainState format: full optimizer state by parameter name, read strictly
     state = TrainState.read(result.checkpoint_path)
     assert state.step == 8 and set(state.optimizer["state"]) == {n for n, _ in model.named_parameters()}
+    # ... and the resumed shards went on exactly as the uninterrupted ones did
+    a, b = _weights(clean.checkpoint_path), _weights(result.checkpoint_path)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
