@@ -83,6 +83,8 @@ def stop_ray(*, in_background: bool = False, on_stopped: Callable[[float], None]
         return
     _stopping = threading.Thread(target=stop, name="ray-shutdown")  # not a daemon: exit waits for it
     _stopping.start()
+
+
 def check_cluster(cfg: PipelineConfig) -> None:
     """With train.ray_address, join that cluster and refuse workers it can never place (UserError), before
     the data stage: the preflight checks a local Ray before it starts (flows/preflight.py)."""

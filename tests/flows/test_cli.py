@@ -110,6 +110,13 @@ def test_a_run_shows_its_stages_progress_and_result_only(tmp_path: Path):
     assert "Traceback" not in proc.stderr
     (log,) = (tmp_path / "wd" / "logs").glob("run-*.log")
     assert "temporary server" in log.read_text() and "RayTrainWorker" in log.read_text()
+    # the flow started its own Ray and stopped it in the background while it evaluated: the process waited
+    # for that stop before it exited, and its time is on the run with every other stage's
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'wd' / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {"stage_seconds.ray_start", "stage_seconds.ray_stop", "stage_seconds.gate"} <= set(run.data.metrics)
 
 
 @pytest.mark.slow
