@@ -4,16 +4,23 @@ A retried registration finds the version by its run id and the logged model by i
 never creates a second of either (searched by those ids, never by a name MLflow's filter grammar may not
 be able to quote: a name is compared in Python). The model is logged through `MlflowClient` calls only (create the
 logged model, save the pyfunc to a temporary directory, upload it, finalize it) and registered with
-its artifact location as the version's source: MLflow's `log_model` needs the process-wide tracking
-URI and an active run, and a `models:/<id>` source would make a local registry look the model up
-through the process-wide tracking URI too. The version's tags carry the data lineage and the
-evaluation the champion gate compares.
+the logged model as the version's source (`models:/<model id>`, as `mlflow.register_model` records it:
+the version page's "Source Model" link; the logged model's `mlflow.modelVersions` tag is its "Model
+versions" list and the run's "Registered models"). MLflow's `log_model` needs the process-wide tracking
+URI and an active run; a local store (SQLite, PostgreSQL) looks a `models:/<id>` source up through the
+process-wide tracking URI too, so against one the version is created by a short child process whose
+process-wide URI is this store (a tracking server looks it up in its own store). The version's tags
+carry the data lineage and the evaluation the champion gate compares.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -21,6 +28,7 @@ from typing import Callable
 from flows.config import PipelineConfig
 from flows.data import PreparedData
 from flows.evaluate import EvalResult
+from flows.masking import mask_uri
 from flows.registry.tracking import does_not_exist, mlflow_client, quoted
 
 MODEL = "model"  # the pyfunc's folder in the logged model's artifacts
@@ -80,8 +88,10 @@ def log_pyfunc(client, run_id: str, pack_dir: str | Path, example_prompt: str):
     from flows.registry.pyfunc import save_pyfunc
 
     run = client.get_run(run_id)
-    # named after its run, so the experiment's models are told apart (MLflow names them all "model")
-    model = client.create_logged_model(run.info.experiment_id, name=run.info.run_name or MODEL, source_run_id=run_id,
+    # named after its run, so the experiment's models are told apart (MLflow names them all "model"),
+    # less the characters a logged model's name may not hold (a run name's "lr=2.5e-4")
+    name = re.sub(r"[/:.%\"']", "_", run.info.run_name or MODEL)
+    model = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
                                        params=dict(run.data.params))  # log_model copies them, too
     try:
         client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
@@ -142,16 +152,61 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
         on_step(MODEL_LOGGED)
     tags.update({k: v for k, v in model.tags.items() if k.startswith("hf.")})
     ensure_registered_model(client, name)
-    version = client.create_model_version(name, model.artifact_location, run_id=run_id, tags=tags,
-                                          model_id=model.model_id)
+    version = create_version(client, tracking_uri, name, model.model_id, run_id, tags)
     _link_version(client, model.model_id, version)
     on_step(VERSION_CREATED)
     return version
 
 
+def create_version(client, tracking_uri: str, name: str, model_id: str, run_id: str, tags: dict[str, str]):
+    """Version `name` of logged model model_id, with `models:/<model_id>` as its source."""
+    source = f"models:/{model_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=model_id)
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import ErrorCode
+
+    request = {"uri": tracking_uri, "name": name, "source": source, "run_id": run_id, "tags": tags,
+               "model_id": model_id}  # on stdin: the URI may hold credentials, a command line is public
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    done = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(request), capture_output=True, text=True,
+                          env=env, timeout=CHILD_TIMEOUT_S)
+    try:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        answer = {}
+    if "version" in answer:
+        return client.get_model_version(name, answer["version"])
+    if "error_code" in answer:  # MLflow's own error, raised as if here
+        raise MlflowException(answer["message"], error_code=ErrorCode.Value(answer["error_code"]))
+    raise RuntimeError(f"creating a version of {name!r} failed: {mask_uri(done.stderr[-2000:])}")
+
+
+CHILD_TIMEOUT_S = 300  # MLflow's import, and a SQLite write that may wait for others (tracking.py: 120 s)
+_CHILD = "import sys; from flows.registry.versions import _create_version_here; _create_version_here(sys.stdin)"
+
+
+def _create_version_here(stdin) -> None:
+    """In the child process: MLflow's global tracking URI set to the store, the version created, its number printed."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    request = json.load(stdin)
+    mlflow.set_tracking_uri(request["uri"])  # this child's own process-wide state, gone when it exits
+    mlflow.set_registry_uri(request["uri"])
+    try:
+        version = mlflow_client(request["uri"]).create_model_version(
+            request["name"], request["source"], run_id=request["run_id"], tags=request["tags"],
+            model_id=request["model_id"])
+    except MlflowException as err:
+        print(json.dumps({"message": err.message, "error_code": err.error_code}))
+        raise SystemExit(1) from None
+    print(json.dumps({"version": str(version.version)}))
+
+
 def _link_version(client, model_id: str, version) -> None:
     """List the version on its logged model's page, as MLflow's register_model does (a tracking server
-    does it itself; a local store does not, and the version's source is a plain location, not the model)."""
+    does it itself when creating the version; a local store does not)."""
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     links = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))

@@ -78,7 +78,8 @@ def test_the_logged_model_holds_no_pickle(registered, tmp_path, monkeypatch):
     logged = client.get_logged_model(mlmodel["model_id"])  # the MLmodel names its logged model, as log_model writes it
     assert logged.status == LoggedModelStatus.READY
     assert logged.source_run_id == mlmodel["run_id"] == version.run_id
-    assert version.source == logged.artifact_location
+    assert version.source == f"models:/{logged.model_id}"  # as mlflow.register_model records it
+    assert client.get_model_version_download_uri(cfg.registry.model_name, 1) == logged.artifact_location
     links = json.loads(logged.tags["mlflow.modelVersions"])  # the logged model lists its version
     assert [(link["name"], str(link["version"])) for link in links] == [(cfg.registry.model_name, "1")]
     assert client.get_run(version.run_id).outputs.model_outputs[0].model_id == logged.model_id

@@ -112,7 +112,7 @@ def test_model_uris_resolve_through_the_given_store(store, registered):
 
     cfg, _, reg = registered
     client, name = mlflow_client(store), cfg.registry.model_name
-    location = client.get_model_version(name, reg.version).source
+    location = client.get_model_version_download_uri(name, reg.version)
     logged = client.get_run(reg.run_id).outputs.model_outputs[0].model_id  # the logged model's id
     for uri in (f"models:/{name}/{reg.version}", f"models:/{name}/latest", f"models:/{name}@champion",
                 f"models:/{logged}"):
