@@ -35,10 +35,30 @@ def test_no_recorded_decision_without_the_decision_tag():
     assert GateDecision.from_tags(tags) is None
 
 
-def test_flow_run_name_says_dataset_tokenizer_and_model_size():
-    cfg = load_config(overrides=["model.n_layer=6", "model.n_embd=384", "model.n_head=6"])
+@pytest.mark.parametrize("overrides, name", [
+    ([], "python-stdlib-char-4x128-20250301-0200"),
+    (["model.n_layer=6", "model.n_embd=384", "model.n_head=6"], "python-stdlib-char-6x384-heads=6-20250301-0200"),
+    (["train.lr=3e-3", "train.min_lr=3e-4"], "python-stdlib-char-4x128-lr=3e-3-20250301-0200"),
+    (["train.lr=2.5e-4", "train.weight_decay=0.05", "train.max_steps=5000", "train.batch_size=64",
+      "model.block_size=512", "model.pos=rope"], "python-stdlib-char-4x128-lr=2.5e-4,steps=5000,bs=64+3-20250301-0200"),
+])
+def test_flow_run_name_says_dataset_tokenizer_model_size_and_the_main_changed_settings(overrides, name):
+    cfg = load_config(overrides=overrides)
     when = datetime(2025, 3, 1, 2, 0, tzinfo=timezone.utc)
-    assert run_name_for(cfg, when) == "python-stdlib-char-6x384-20250301-0200"
+    assert run_name_for(cfg, when) == name
+
+
+def test_the_changed_settings_in_a_run_name_are_capped():
+    from flows.pipeline import MAX_SETTINGS_CHARS, NAMED_SETTINGS, changed_for_name
+
+    cfg = load_config(overrides=["train.lr=1e-4", "train.min_lr=1e-5", "train.optimizer=muon", "train.max_steps=12345",
+                                 "train.batch_size=48", "model.block_size=1024", "model.n_head=8", "model.pos=rope",
+                                 "model.norm=rmsnorm", "model.mlp=swiglu", "train.seed=7"])
+    shown, _, more = changed_for_name(cfg).partition("+")
+    assert len(shown) <= MAX_SETTINGS_CHARS and shown.startswith("lr=1e-4,opt=muon")
+    assert len(shown.split(",")) + int(more) == 10 == sum(key in NAMED_SETTINGS for key in (
+        "train.lr", "train.optimizer", "train.max_steps", "train.batch_size", "model.block_size", "model.n_head",
+        "model.pos", "model.norm", "model.mlp", "train.seed"))
 
 
 def test_library_versions_and_git_tags():
