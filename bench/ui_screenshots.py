@@ -6,7 +6,8 @@ store, and screenshots taken by headless Chromium of the pages the README sends 
 
 The two runs differ in train.lr only. Saved: the experiment's runs in the model-training view, the chart
 view comparing the two runs (loss curves, images by key), a run's overview (description, dataset,
-source), its attention heatmaps, and the champion's model version page (card gist, aliases, tags).
+source), its attention heatmaps, the champion's model version page (card gist, aliases, tags) and its
+logged model's page (the versions it is registered as).
 Prints where each screenshot went; asserts nothing.
 """
 
@@ -45,7 +46,8 @@ def pipeline(workdir: Path, steps: int, lr: float) -> None:
 
 def screenshot(chromium: str, url: str, out: Path, size: str = "1600,1000") -> None:
     subprocess.run([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={size}", "--virtual-time-budget=20000", f"--screenshot={out}", url],
+                    f"--window-size={size}", "--virtual-time-budget=60000",  # charts draw late (lazy plotly)
+                    "--run-all-compositor-stages-before-draw", f"--screenshot={out}", url],
                    check=True, capture_output=True, timeout=120)
     print(f"{out}  <- {url}")
 
@@ -94,9 +96,10 @@ def main() -> None:
             "run_overview.png": f"{base}/#/experiments/{e}/runs/{ids[-1]}?{ml}",
             "run_heatmaps.png": f"{base}/#/experiments/{e}/runs/{ids[-1]}/artifacts/figures/attention_heatmaps.png",
             "model_version.png": f"{base}/#/models/attention-transformer/versions/{champion.version}",
+            "logged_model.png": f"{base}/#/experiments/{e}/models/{champion.source.removeprefix('models:/')}",
         }
         for name, url in pages.items():
-            screenshot(chromium, url, args.out / name)
+            screenshot(chromium, url, args.out / name, "1600,2600" if name == "compare_charts.png" else "1600,1000")
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(timeout=30)
