@@ -136,8 +136,10 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
     name = cfg.registry.model_name
     version = existing_version(client, name, run_id)
     if version is not None:
-        if getattr(version, "model_id", None):
-            _link_version(client, version.model_id, version)  # an attempt that failed right after creating it
+        # a SQL registry keeps no model id, but the source names the model: models:/<id>
+        source_model = version.source.removeprefix("models:/") if version.source.startswith("models:/") else None
+        if model_id := getattr(version, "model_id", None) or source_model:
+            _link_version(client, model_id, version)  # an attempt that failed right after creating it
         return version
     tags = {"data.fingerprint": data.fingerprint, "data.tokenizer": data.tokenizer,
             TOKENIZER_DIGEST: tokenizer_digest(data), EVAL_BPB: str(result.bits_per_byte),
