@@ -145,43 +145,71 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
             TOKENIZER_DIGEST: tokenizer_digest(data), EVAL_BPB: str(result.bits_per_byte),
             "eval.val_loss": str(result.val_loss), "eval.perplexity": str(result.perplexity),
             "eval.block_size": str(result.block_size)}
-    model = logged_model_of(client, run_id)
-    if model is None:
-        example = result.samples[0]["prompt"] if result.samples else ""
-        with tempfile.TemporaryDirectory() as tmp:
-            pack = export_model_pack(checkpoint_path, data.path, Path(tmp) / "model_pack")
-            model = log_pyfunc(client, run_id, pack, example)
-        on_step(MODEL_LOGGED)
-    tags.update({k: v for k, v in model.tags.items() if k.startswith("hf.")})
-    ensure_registered_model(client, name)
-    version = create_version(client, tracking_uri, name, model.model_id, run_id, tags)
+    creator = _VersionCreator(tracking_uri)  # a local store's child process imports MLflow meanwhile
+    try:
+        model = logged_model_of(client, run_id)
+        if model is None:
+            example = result.samples[0]["prompt"] if result.samples else ""
+            with tempfile.TemporaryDirectory() as tmp:
+                pack = export_model_pack(checkpoint_path, data.path, Path(tmp) / "model_pack")
+                model = log_pyfunc(client, run_id, pack, example)
+            on_step(MODEL_LOGGED)
+        tags.update({k: v for k, v in model.tags.items() if k.startswith("hf.")})
+        ensure_registered_model(client, name)
+        version = creator.create(client, name, model.model_id, run_id, tags)
+    finally:
+        creator.close()
     _link_version(client, model.model_id, version)
     on_step(VERSION_CREATED)
     return version
 
 
-def create_version(client, tracking_uri: str, name: str, model_id: str, run_id: str, tags: dict[str, str]):
-    """Version `name` of logged model model_id, with `models:/<model_id>` as its source."""
-    source = f"models:/{model_id}"
-    if tracking_uri.startswith(("http://", "https://")):
-        return client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=model_id)
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import ErrorCode
+class _VersionCreator:
+    """Creates version `name` of a logged model with `models:/<model_id>` as its source. Against a local
+    store that takes a child process (see the module's docstring), started when this is made so that its
+    imports (seconds) overlap the model's logging; `close` ends it if it was never asked."""
 
-    request = {"uri": tracking_uri, "name": name, "source": source, "run_id": run_id, "tags": tags,
-               "model_id": model_id}  # on stdin: the URI may hold credentials, a command line is public
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    done = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(request), capture_output=True, text=True,
-                          env=env, timeout=CHILD_TIMEOUT_S)
-    try:
-        answer = json.loads(done.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        answer = {}
-    if "version" in answer:
-        return client.get_model_version(name, answer["version"])
-    if "error_code" in answer:  # MLflow's own error, raised as if here
-        raise MlflowException(answer["message"], error_code=ErrorCode.Value(answer["error_code"]))
-    raise RuntimeError(f"creating a version of {name!r} failed: {mask_uri(done.stderr[-2000:])}")
+    def __init__(self, tracking_uri: str):
+        self.uri, self.child = tracking_uri, None
+        if not tracking_uri.startswith(("http://", "https://")):
+            env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+            self.child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def create(self, client, name: str, model_id: str, run_id: str, tags: dict[str, str]):
+        source = f"models:/{model_id}"
+        if self.child is None:
+            return client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=model_id)
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import ErrorCode
+
+        request = {"uri": self.uri, "name": name, "source": source, "run_id": run_id, "tags": tags,
+                   "model_id": model_id}  # on stdin: the URI may hold credentials, a command line is public
+        child, self.child = self.child, None
+        try:
+            out, err = child.communicate(json.dumps(request), timeout=CHILD_TIMEOUT_S)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        try:
+            answer = json.loads(out.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            answer = {}
+        if "version" in answer:
+            return client.get_model_version(name, answer["version"])
+        if "error_code" in answer:  # MLflow's own error, raised as if here
+            raise MlflowException(answer["message"], error_code=ErrorCode.Value(answer["error_code"]))
+        raise RuntimeError(f"creating a version of {name!r} failed: {mask_uri(err[-2000:])}")
+
+    def close(self) -> None:
+        if self.child is not None:  # never asked: an empty request, and it leaves
+            child, self.child = self.child, None
+            try:
+                child.communicate("", timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
 CHILD_TIMEOUT_S = 300  # MLflow's import, and a SQLite write that may wait for others (tracking.py: 120 s)
@@ -192,8 +220,12 @@ def _create_version_here(stdin) -> None:
     """In the child process: MLflow's global tracking URI set to the store, the version created, its number printed."""
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore  # noqa: F401 - while the parent works
 
-    request = json.load(stdin)
+    text = stdin.read()  # waits for the parent's request
+    if not text.strip():
+        return  # not needed after all
+    request = json.loads(text)
     mlflow.set_tracking_uri(request["uri"])  # this child's own process-wide state, gone when it exits
     mlflow.set_registry_uri(request["uri"])
     try:
