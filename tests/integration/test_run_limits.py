@@ -73,6 +73,19 @@ def cluster():
         c.stop()
 
 
+@pytest.fixture(scope="module")
+def connected(cluster):
+    """This process as a driver of the cluster, once for the module: Ray does not support connecting a
+    process to a cluster again after ray.shutdown (the interpreter can crash at exit)."""
+    import ray
+
+    ray.init(address=cluster.gcs_address, include_dashboard=False, log_to_driver=True)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.py"
@@ -170,7 +183,7 @@ def test_a_training_stage_past_its_time_limit_is_stopped_with_its_workers(cluste
 
 
 @pytest.mark.slow
-def test_the_stopped_run_leaves_nothing_while_its_driver_lives(cluster, tmp_path, corpus):
+def test_the_stopped_run_leaves_nothing_while_its_driver_lives(connected, tmp_path, corpus):
     """The same limit with this process as the driver, still connected after the stop: Ray ends a job's
     actors when its driver exits, so only here does 'nothing left' prove the stop itself."""
     import ray
@@ -180,42 +193,36 @@ def test_the_stopped_run_leaves_nothing_while_its_driver_lives(cluster, tmp_path
     from flows.deadline import StageTimeout, time_limited
     from flows.train import train_model
 
-    storage, timeout = tmp_path / "storage", 40
+    cluster, storage, timeout = connected, tmp_path / "storage", 40
     cfg = load_config(overrides=[*TINY, f"workdir={tmp_path / 'wd'}", f"data.source={corpus}",
                                  f"train.storage_path={storage}", "train.num_workers=2",
                                  "train.placement_strategy=STRICT_SPREAD", f"train.timeout_s={timeout}",
                                  f"train.ray_address={cluster.gcs_address}"])
     data = prepare_dataset(cfg)
-    ray.init(address=cluster.gcs_address, include_dashboard=False, log_to_driver=True)
-    try:
-        with pytest.raises(StageTimeout) as stopped:
-            time_limited("train")(train_model)(cfg, data, run_name="limited-here")
-        assert str(stopped.value).startswith(f"train_model: stopped after its time limit train.timeout_s={timeout} "
-                                             "s: the Ray Train run was aborted with its workers"), stopped.value
-        assert registered_steps(storage / "limited-here" / "checkpoint_manager_snapshot.json"), "raise the limit"
-        assert not cluster.alive_workers()
-        _, alive = psutil.wait_procs(cluster.worker_processes(), timeout=30)
-        assert not alive, [p.cmdline() for p in alive]
-        deadline = time.monotonic() + 30  # the placement group's CPUs are free again (Ray updates them async)
-        while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert ray.available_resources().get("CPU", 0) == 2, ray.available_resources()
-    finally:
-        ray.shutdown()
+    with pytest.raises(StageTimeout) as stopped:
+        time_limited("train")(train_model)(cfg, data, run_name="limited-here")
+    assert str(stopped.value).startswith(f"train_model: stopped after its time limit train.timeout_s={timeout} "
+                                         "s: the Ray Train run was aborted with its workers"), stopped.value
+    assert registered_steps(storage / "limited-here" / "checkpoint_manager_snapshot.json"), "raise the limit"
+    assert not cluster.alive_workers()
+    _, alive = psutil.wait_procs(cluster.worker_processes(), timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    deadline = time.monotonic() + 30  # the placement group's CPUs are free again (Ray updates them async)
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2, ray.available_resources()
 
 
 # ------------------------------------------------------------------------------------- (c) node lost
 @pytest.mark.slow
-def test_a_node_lost_for_good_ends_the_run_after_the_startup_timeout(cluster, tmp_path, corpus):
-    import ray
-
+def test_a_node_lost_for_good_ends_the_run_after_the_startup_timeout(connected, tmp_path, corpus):
     from flows.config import load_config
     from flows.data import prepare_dataset
     from flows.deadline import time_limit
     from flows.train import train_model
     from flows.train.supervise import WorkerStartTimeout
 
-    storage, startup = tmp_path / "storage", 20
+    cluster, storage, startup = connected, tmp_path / "storage", 20
     cfg = load_config(overrides=[*TINY, f"workdir={tmp_path / 'wd'}", f"data.source={corpus}",
                                  f"train.storage_path={storage}", "train.num_workers=2", "train.max_failures=1",
                                  "train.placement_strategy=STRICT_SPREAD", f"train.startup_timeout_s={startup}",
@@ -240,7 +247,6 @@ def test_a_node_lost_for_good_ends_the_run_after_the_startup_timeout(cluster, tm
         killed.extend(tree)
 
     killer = threading.Thread(target=kill_node_after_a_checkpoint, daemon=True)
-    ray.init(address=cluster.gcs_address, include_dashboard=False, log_to_driver=True)
     try:
         killer.start()
         with pytest.raises(WorkerStartTimeout) as ended, time_limit("the test", "its bound", 400):
@@ -254,4 +260,3 @@ def test_a_node_lost_for_good_ends_the_run_after_the_startup_timeout(cluster, tm
         assert not cluster.alive_workers()
     finally:
         killer.join(timeout=5)
-        ray.shutdown()
