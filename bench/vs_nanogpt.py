@@ -58,7 +58,10 @@ def run_pipeline(config: Path, workdir: Path) -> tuple[float, float]:
         raise SystemExit(f"pipeline failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return wall, float(runs[0].data.metrics["eval_val_loss"])
+    metrics = runs[0].data.metrics
+    stages = {k.removeprefix("stage_seconds."): v for k, v in metrics.items() if k.startswith("stage_seconds.")}
+    print("    stages: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(stages.items(), key=lambda kv: -kv[1])))
+    return wall, float(metrics["eval_val_loss"])
 
 
 def main() -> None:
