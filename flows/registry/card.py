@@ -110,7 +110,10 @@ def gist(card: str) -> str:
     for heading in ("## Data", "## Model", "## Evaluation (whole validation split)"):
         i = lines.index(heading)
         block = [line for line in lines[i + 2: i + 6] if line.startswith(("- ", "| "))]
-        keep += ["", f"**{heading.removeprefix('## ')}**", "", *block]  # a table needs the blank line
+        rows = [[cell.strip() for cell in line.strip("| ").split("|")] for line in block if line.startswith("| ")]
+        if len(rows) == 2:  # MLflow's description view shows a table's rows as text: one bullet instead
+            block = ["- " + ", ".join(f"{name} {value}" for name, value in zip(*rows))]
+        keep += ["", f"**{heading.removeprefix('## ')}**", "", *block]
     return "\n".join(keep + ["", f"The whole card: `{CARD}` in this version's artifacts."])
 
 

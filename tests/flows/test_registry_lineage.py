@@ -91,6 +91,15 @@ def test_summary_names_metrics_comparison_and_link():
         assert needle in md
 
 
+def test_the_card_gist_has_no_table_the_description_view_would_show_as_text():
+    from flows.registry.card import gist
+
+    card = ("# m v4\n\n**promoted**: 2.25 bits per byte\n\n## Data\n\n- source: x\n\n## Model\n\n- 1 layer\n\n"
+            "## Evaluation (whole validation split)\n\n| bits per byte | perplexity |\n|---|---|\n| 2.2500 | 4.48 |\n")
+    text = gist(card)
+    assert text.startswith("**promoted**: 2.25 bits per byte")
+    assert "- bits per byte 2.2500, perplexity 4.48" in text and "|" not in text
+    assert "- source: x" in text and "- 1 layer" in text
 
 
 def test_prefect_yaml_deployments():
