@@ -42,10 +42,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="install pyproject.toml's requirements (minus ray) in the job's runtime env; "
                         "--no-pip when the cluster's image already holds the project")
     submit.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    _add_sweep_parser(sub)
     _add_generate_parser(sub)
     _add_export_parser(sub)
     _add_serve_parser(sub)
     return parser
+
+
+def _add_sweep_parser(sub) -> None:
+    sw = sub.add_parser("sweep", help="search hyperparameters with Ray Tune (ASHA early stopping), every trial "
+                        "an MLflow run, and register the best")
+    _add_config_args(sw)
+    sw.add_argument("--search", action="append", default=[], metavar="KEY=SPEC",
+                    help="a config key and its space: choice:a,b,c | uniform:LO:HI | loguniform:LO:HI | int:LO:HI "
+                    "(repeatable; added to the config file's sweep.search)")
+    sw.add_argument("--trials", type=int, metavar="N", help="trials to sample (default: 8)")
+    sw.add_argument("--max-concurrent", type=int, metavar="M", help="trials at once (default: as many as the "
+                    "cluster holds)")
+    sw.add_argument("--scheduler", choices=["asha", "fifo"], help="asha stops poor trials early (default); "
+                    "fifo runs all to the end")
+    sw.add_argument("--searcher", choices=["random", "optuna"], help="random (default) or optuna (the optuna extra)")
+    sw.add_argument("--metric", choices=["val_loss", "train_loss"], help="what to minimise (default: val_loss)")
+    sw.add_argument("--seed", type=int, metavar="S", help="the searcher's seed (default: 0)")
+    sw.add_argument("--name", help="the sweep's name (default: derived from the config and the search, so the "
+                    "same command resumes the same sweep)")
+    sw.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                    help="show tracebacks and all the libraries' output (else in workdir/logs/)")
 
 
 def _add_export_parser(sub) -> None:
@@ -113,32 +135,73 @@ def cmd_run(args) -> int:
     check_before_run(cfg)  # workers the local Ray can place, memory per worker, the samples' KV cache
     # The input is good (checked before torch or Prefect is even imported): the temporary Prefect server,
     # when the run needs one, boots on another core while this process imports the pipeline.
-    from flows.prefect_server import start_temporary_server, use_temporary_server
+    from flows.prefect_server import start_temporary_server
 
     server = start_temporary_server()
     from flows import timing
-    from flows.console import log_to, quiet_console
     from flows.pipeline import training_pipeline_flow
     from flows.reaper import start_reaper
 
     start_reaper()  # if this process is killed, what it starts (Prefect's server, Ray's agents) goes too
 
-    # Only now does the run's console go quiet (the libraries' output to <workdir>/logs) unless --debug.
+    timing.hold("startup", timing.process_age())
+    # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI)
+    # stays as given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes one.
+    reg = _run_flow_quietly(args, cfg, server, lambda: training_pipeline_flow(config=given))
+    _print_registration(reg, cfg)
+    return 0
+
+
+def _run_flow_quietly(args, cfg, server, call):
+    """call() (a flow) with the console quiet (the libraries' output to <workdir>/logs) unless --debug,
+    on the temporary Prefect server `server` when there is one."""
+    from flows import timing
+    from flows.console import log_to, quiet_console
+    from flows.prefect_server import use_temporary_server
+
     with contextlib.nullcontext() if args.debug else quiet_console():
         log_to(cfg.workdir_path)  # says where the libraries' output goes (inside a quiet run)
-        timing.hold("startup", timing.process_age())
         if server is not None:
             with timing.holding("prefect_start"):
                 url = use_temporary_server(server)
             print(f"Prefect: a temporary server on {url}, stopped at exit (PREFECT_API_URL: use your own)",
                   file=sys.stderr)  # the log file's, or --debug's
         timing.open_stage("flow_start")  # closed where the flow's first task begins
-        # The flow reads the same environment at its entry; its parameter (shown in Prefect's UI)
-        # stays as given, so a tracking URI with credentials in MLFLOW_TRACKING_URI never becomes one.
-        reg = training_pipeline_flow(config=given)
+        return call()
+
+
+def _print_registration(reg, cfg) -> None:
     print(f"\nRegistered model: {reg.model_uri}  (alias champion: {'yes' if reg.champion else 'no'})")
     print(f"  also as models:/{reg.model_name}@challenger")
     print(mlflow_ui_line(cfg.tracking_uri(), reg.experiment_id))
+
+
+def cmd_sweep(args) -> int:
+    from flows.config import with_environment
+    from flows.data import check_source
+    from flows.preflight import check_before_run
+    from flows.sweep.spec import check_sweep, load_sweep, sweep_name
+
+    given = _load_config(args, environment=False)
+    sweep = load_sweep(args.config, args.search, trials=args.trials, max_concurrent=args.max_concurrent,
+                       scheduler=args.scheduler, searcher=args.searcher, metric=args.metric, seed=args.seed,
+                       name=args.name)
+    cfg = with_environment(given)
+    check_sweep(cfg, sweep)  # every key and spec, before any service starts
+    check_source(cfg.data.source)
+    check_before_run(cfg)
+    from flows.prefect_server import start_temporary_server
+
+    server = start_temporary_server()
+    from flows.reaper import start_reaper
+    from flows.sweep.flow import sweep_flow
+
+    start_reaper()
+    name = sweep_name(cfg, sweep)
+    print(f"Sweep {name}: {sweep.trials} trial(s) of {', '.join(f'{k}={v}' for k, v in sweep.search.items())}")
+    reg = _run_flow_quietly(args, cfg, server, lambda: sweep_flow(config=given, sweep=sweep))
+    _print_registration(reg, cfg)
+    print(f"  the sweep's run (results table, figures): the run named {name} in experiment {cfg.registry.experiment}")
     return 0
 
 
@@ -237,7 +300,7 @@ def _hide_user_error_tracebacks() -> None:
         logging.getLogger(name).addFilter(_NoUserErrorTracebacks())
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "generate": cmd_generate, "export": cmd_export,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "submit": cmd_submit, "generate": cmd_generate, "export": cmd_export,
             "serve": cmd_serve}
 
 
@@ -250,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.errors import is_user_error
 
-    if not args.debug and args.command != "run":  # `run` quiets its console itself (cmd_run)
+    if not args.debug and args.command not in ("run", "sweep"):  # these quiet their console themselves
         _hide_user_error_tracebacks()
     try:
         return COMMANDS[args.command](args)  # a quiet run has restored its streams before an error shows

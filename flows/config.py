@@ -363,7 +363,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise UserError(f"config file {p} is not valid YAML: {str(err).splitlines()[0]}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"config file {p} must hold a mapping at the top level")
-        data = loaded or {}
+        data = dict(loaded or {})
+        data.pop("sweep", None)  # the sweep's own section (flows/sweep/spec.py): one file serves run and sweep
     return validate_config(apply_overrides(data, list(overrides or [])))
 
 

@@ -33,6 +33,9 @@ _FLOWS_DIR = str(Path(__file__).resolve().parent) + os.sep
 QUIET_ENV = {
     "RAY_COLOR_PREFIX": "0",  # plain "(RayTrainWorker pid=...) " prefixes on worker lines, to parse them
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # download bars are terminal art, not log lines
+    # Ray Tune replaces builtins.print with its own once it starts, so a task's later prints would come
+    # from Ray's file and stop counting as ours (a sweep's summary lines)
+    "RAY_TQDM_PATCH_PRINT": "0",
 }
 
 # "(RayTrainWorker pid=123) text", "(TrainController pid=9, ip=10.0.0.2) text", "(raylet) text",

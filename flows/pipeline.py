@@ -189,14 +189,16 @@ def train_model_task(cfg: PipelineConfig, data: PreparedData, fault: FaultInject
 
 @task(name="evaluate_model", retries=2, **_RETRY)
 @time_limited("eval")
-def evaluate_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainResult) -> EvalResult:
-    """Validation loss, perplexity, bits per byte, samples and figures, logged once to the flow's MLflow run."""
+def evaluate_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainResult,
+                        mlflow_run_id: str | None = None) -> EvalResult:
+    """Validation loss, perplexity, bits per byte, samples and figures, logged once to the flow's MLflow run
+    (or to `mlflow_run_id`: a sweep's best trial)."""
     from flows.evaluate import evaluate_checkpoint
     from flows.registry import log_evaluation, set_run_tags
     from flows.registry.tracking import log_dataset_input
 
     print("evaluate_model: validation loss, bits per byte, samples")
-    uri, run_id = _mlflow_run(cfg)
+    uri, run_id = (cfg.tracking_uri(), mlflow_run_id) if mlflow_run_id else _mlflow_run(cfg)
     set_run_tags(uri, run_id, _lineage(data, trained))
     log_dataset_input(uri, run_id, data, cfg.data.source)
     clock = timing.StageClock()
@@ -227,19 +229,21 @@ def _publish_summary(reg: Registration, result: EvalResult, tracking_uri: str, l
 @task(name="register_model", retries=3, **_RETRY)
 @time_limited("registry")
 def register_model_task(cfg: PipelineConfig, data: PreparedData, trained: TrainResult,
-                        result: EvalResult, on_step: Callable[[str], None] | None = None) -> Registration:
+                        result: EvalResult, on_step: Callable[[str], None] | None = None,
+                        mlflow_run_id: str | None = None, version_tags: dict[str, str] | None = None) -> Registration:
     """Log and register the pyfunc once per run, run the champion gate, publish the run's summary
-    (`on_step(point)` after each registration step: fault tests only)."""
+    (`on_step(point)` after each registration step: fault tests only; `mlflow_run_id`: the run to register
+    from, a sweep's best trial, whose lineage `version_tags` adds to the version)."""
     from flows.registry import log_model_version, mlflow_client
     from flows.registry.card import publish_model_card
     from flows.registry.gate import gate_exclusively
 
     print(f"register_model: {cfg.registry.model_name}, champion gate")
-    uri, run_id = _mlflow_run(cfg)
+    uri, run_id = (cfg.tracking_uri(), mlflow_run_id) if mlflow_run_id else _mlflow_run(cfg)
     clock = timing.StageClock()
     with clock.stage("model_logging"), local_checkpoint(trained) as checkpoint:
         version = log_model_version(cfg, uri, run_id, checkpoint_path=checkpoint, data=data, result=result,
-                                    on_step=on_step)
+                                    on_step=on_step, extra_tags=version_tags)
     with clock.stage("gate"):
         reg = gate_exclusively(cfg, uri, version, data=data, result=result, on_step=on_step)  # one at a time
         publish_model_card(uri, reg, result, data)  # model_card.md, and its gist as the version's description

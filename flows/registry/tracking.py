@@ -200,8 +200,8 @@ def _local_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def _find_run(client, experiment_id: str, flow_run_id: str):
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = {quoted(flow_run_id)}",
+def _find_run(client, experiment_id: str, key: str, key_tag: str = FLOW_RUN_TAG):
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{key_tag}` = {quoted(key)}",
                                max_results=1)
     return found[0] if found else None
 
@@ -216,10 +216,12 @@ def _take_over(client, run) -> None:
 
 
 def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: str, run_name: str,
-                       tags: dict[str, str] | None = None, ray_run_name: str | None = None) -> str:
+                       tags: dict[str, str] | None = None, ray_run_name: str | None = None,
+                       key_tag: str = FLOW_RUN_TAG) -> str:
     """Return the MLflow run of this flow run, creating it (with params and tags) the first time; a new
     run first closes the runs dead drivers left RUNNING (drivers.py: UserError when a live driver is
-    training `ray_run_name`)."""
+    training `ray_run_name`). `key_tag`: the tag that finds the run by `flow_run_id` (a sweep keys its
+    runs by the sweep and the trial instead, which outlive a flow run)."""
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
 
@@ -236,11 +238,11 @@ def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
             exp_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id  # created concurrently
     else:
         exp_id = exp.experiment_id
-    if (found := _find_run(client, exp_id, flow_run_id)) is not None:
+    if (found := _find_run(client, exp_id, flow_run_id, key_tag)) is not None:
         _take_over(client, found)
         return found.info.run_id
     close_stale_runs(client, exp_id, ray_run_name, closed_by=f"prefect flow run {flow_run_id}")
-    own = {FLOW_RUN_TAG: flow_run_id, DRIVER_TAG: driver_record(), **({RAY_RUN_TAG: ray_run_name} if ray_run_name else {}),
+    own = {key_tag: flow_run_id, DRIVER_TAG: driver_record(), **({RAY_RUN_TAG: ray_run_name} if ray_run_name else {}),
            **created_by(), "mlflow.note.content": run_description(cfg)}
     run = client.create_run(exp_id, run_name=run_name, tags={**own, **mask_values(tags or {})})
     # Params are shown to anyone who can read the experiment: a URI's credentials are masked.

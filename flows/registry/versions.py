@@ -127,8 +127,10 @@ def ensure_registered_model(client, name: str) -> None:
 
 
 def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, checkpoint_path: str,
-                      data: PreparedData, result: EvalResult, on_step: OnStep | None = None):
-    """The model version of this run: logged as a pyfunc and registered the first time only."""
+                      data: PreparedData, result: EvalResult, on_step: OnStep | None = None,
+                      extra_tags: dict[str, str] | None = None):
+    """The model version of this run: logged as a pyfunc and registered the first time only (`extra_tags`: more
+    of the version's tags, e.g. a sweep's lineage)."""
     on_step = on_step or (lambda point: None)
     from flows.modelpack import export_model_pack
 
@@ -144,7 +146,7 @@ def log_model_version(cfg: PipelineConfig, tracking_uri: str, run_id: str, *, ch
     tags = {"data.fingerprint": data.fingerprint, "data.tokenizer": data.tokenizer,
             TOKENIZER_DIGEST: tokenizer_digest(data), EVAL_BPB: str(result.bits_per_byte),
             "eval.val_loss": str(result.val_loss), "eval.perplexity": str(result.perplexity),
-            "eval.block_size": str(result.block_size)}
+            "eval.block_size": str(result.block_size), **(extra_tags or {})}
     creator = _VersionCreator(tracking_uri)  # a local store's child process imports MLflow meanwhile
     try:
         model = logged_model_of(client, run_id)

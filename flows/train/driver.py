@@ -43,15 +43,16 @@ _stopping: threading.Thread | None = None  # a local Ray shutting down in the ba
 from flows.train.supervise import as_clear_error, controller_callback, startup_bound, supervised_fit
 
 
-def ensure_ray(cfg: PipelineConfig) -> bool:
-    """Join cfg.train.ray_address, else start a local Ray. Returns True if we started it."""
+def ensure_ray(cfg: PipelineConfig, *, dashboard: bool = False) -> bool:
+    """Join cfg.train.ray_address, else start a local Ray (`dashboard`: with its dashboard, whose state
+    API a sweep needs, see flows/sweep/tuner.py). Returns True if we started it."""
     import ray
 
     if _stopping is not None:
         _stopping.join()  # a Ray this process started before is gone before another starts
     if ray.is_initialized():
         return False
-    kwargs = {"include_dashboard": False, "log_to_driver": True}
+    kwargs = {"include_dashboard": dashboard, "log_to_driver": True}
     if cfg.train.ray_address:
         ray.init(address=cfg.train.ray_address, **kwargs)
         return False
@@ -94,11 +95,14 @@ def check_cluster(cfg: PipelineConfig) -> None:
 
 
 def train_model(cfg: PipelineConfig, data: PreparedData, *, run_name: str, tracking_uri: str | None = None,
-                mlflow_run_id: str | None = None, fault: FaultInjection | None = None) -> TrainResult:
+                mlflow_run_id: str | None = None, fault: FaultInjection | None = None,
+                callbacks: list | None = None) -> TrainResult:
     """Run (or resume) Ray Train run `run_name` under the storage path; returns its final checkpoint.
     Workers the joined cluster can never place are refused before anything starts (flows/train/cluster.py);
     the worker group's start-up is bounded by train.startup_timeout_s, and an exception in this thread
-    while it waits (the stage's time limit) stops the run and its workers first (flows/train/supervise.py)."""
+    while it waits (the stage's time limit) stops the run and its workers first (flows/train/supervise.py).
+    `callbacks`: more Ray Train callbacks; a sweep's trial passes Ray Tune's, and the workers then report
+    every evaluation, not only the checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -113,7 +117,8 @@ def train_model(cfg: PipelineConfig, data: PreparedData, *, run_name: str, track
         Path(storage).mkdir(parents=True, exist_ok=True)
     claim_run_settings(cfg, storage, run_name, data.fingerprint)  # a reused name: the same training, or refused
     stage_data(data, storage)
-    job = TrainJob(pipeline=cfg, data=data, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, fault=fault)
+    job = TrainJob(pipeline=cfg, data=data, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, fault=fault,
+                   report_evals=bool(callbacks))
     score = tc.checkpoint_score
     callback, slot = controller_callback()
     trainer = TorchTrainer(
@@ -129,7 +134,7 @@ def train_model(cfg: PipelineConfig, data: PreparedData, *, run_name: str, track
             failure_config=FailureConfig(max_failures=tc.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep, checkpoint_score_attribute=score,
                                                checkpoint_score_order="max" if score == "step" else "min"),
-            callbacks=[callback],
+            callbacks=[callback, *(callbacks or [])],
         ),
     )
     called = time.time()

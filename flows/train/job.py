@@ -32,6 +32,7 @@ class TrainJob(BaseModel):
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     fault: FaultInjection | None = None
+    report_evals: bool = False  # report every evaluation to Ray Train, not only checkpoints (sweeps)
 
 
 class TrainResult(BaseModel):

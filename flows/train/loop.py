@@ -97,6 +97,8 @@ def train_loop_per_worker(config: dict) -> dict[str, str | float]:
             if logger and metrics:
                 logger.log(metrics, step=done)
             last.update(metrics)
+            if job.report_evals and "val_loss" in metrics and not checkpoint_now:
+                _report_eval(done, last)  # a sweep's scheduler reads it (a checkpoint reports the same)
             clock.lap(step_stage)
 
             if checkpoint_now:
@@ -110,6 +112,14 @@ def train_loop_per_worker(config: dict) -> dict[str, str | float]:
         if logger:
             logger.close()
     return {STARTED_AT: started_at, FINISHED_AT: time.time()}
+
+
+def _report_eval(step: int, metrics: dict[str, float]) -> None:
+    """Report the latest metrics to Ray Train without a checkpoint (every rank: it is a barrier), so that
+    a sweep's scheduler (Ray Tune, through TuneReportCallback) sees each evaluation."""
+    import ray.train
+
+    ray.train.report({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
 
 def _stop_diverged(message: str, result: StepResult, logger: MetricsLogger | None, step: int) -> dict[str, str]:
