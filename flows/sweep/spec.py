@@ -82,7 +82,10 @@ def _searchable(key: str) -> None:
     for prefix, why in NOT_SEARCHABLE.items():
         if key == prefix or key.startswith(prefix + "."):
             raise UserError(f"--search {key}: cannot be searched ({why})")
-    _field_type(key.split("."))  # unknown keys: one line naming the key
+    try:
+        _field_type(key.split("."))
+    except UserError as err:
+        raise UserError(f"--search {key}: {err}") from None
 
 
 def _base_kind(key: str) -> type | None:

@@ -3,6 +3,8 @@ the flow-run name and the nightly schedule (the data cache key: tests/flows/test
 
 from __future__ import annotations
 
+import importlib
+
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,12 +107,23 @@ def test_the_card_gist_has_no_table_the_description_view_would_show_as_text():
 def test_prefect_yaml_deployments():
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"nightly", "smoke"}
+    assert set(deployments) == {"nightly", "smoke", "sweep"}
     schedule = deployments["nightly"]["schedules"][0]
     assert schedule["cron"] and schedule["timezone"]
     for d in deployments.values():
         assert d["work_pool"]["name"] == "attention-process"
         validate_config(d["parameters"]["config"])  # the parameters are a valid PipelineConfig
+        module, _, attr = d["entrypoint"].rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attr))
+
+
+def test_the_sweep_deployment_is_weekly_off_by_default_and_valid():
+    from flows.sweep.spec import SweepConfig, check_sweep
+
+    sweep = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}["sweep"]
+    assert sweep["schedules"][0]["active"] is False and sweep["schedules"][0]["cron"].endswith("* 0")
+    dims = check_sweep(validate_config(sweep["parameters"]["config"]), SweepConfig(**sweep["parameters"]["sweep"]))
+    assert {d.key for d in dims} == {"train.lr", "model.n_embd"}
 
 
 @pytest.mark.parametrize("args, needle", [
