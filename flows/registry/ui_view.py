@@ -1,7 +1,7 @@
 """The experiment's saved view in the MLflow UI: the chart layout that puts the losses first.
 
 The UI sorts charts by metric name, so bookkeeping metrics (`eval_bytes`, `eval_tokens`,
-`stage_seconds.*`) come before `train_loss` and `val_loss`, each on a chart of its own. MLflow (3.16+)
+`stage_seconds.*`) come before `train_loss` and `val_loss`, each on a chart of its own. MLflow 3.17
 keeps a saved view as an experiment tag `mlflow.sharedViewState.<id>`: an envelope (name, createdAt,
 and `state`, the experiment page's UI state as JSON) that the runs page lists under "Views" and opens
 from the URL parameter `viewStateShareKey=<id>` (server/js: useSharedExperimentViewState, and
