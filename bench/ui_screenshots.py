@@ -69,6 +69,8 @@ def main() -> None:
 
     from mlflow.tracking import MlflowClient
 
+    from flows.registry.ui_view import VIEW_ID
+
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("attention-pipeline")
@@ -90,7 +92,9 @@ def main() -> None:
         ml = "workflowType=machine_learning"
         pages = {
             "runs.png": f"{base}/#/experiments/{e}/runs?{ml}",
-            "compare_charts.png": f"{base}/#/experiments/{e}/runs?{ml}&compareRunsMode=CHART",
+            # the pipeline's saved view (flows/registry/ui_view.py): losses first, on one chart
+            "compare_charts.png": f"{base}/#/experiments/{e}/runs?{ml}&compareRunsMode=CHART"
+                                  f"&viewStateShareKey={VIEW_ID}",
             "compare_runs.png": f"{base}/#/compare-runs?runs=[{','.join(repr(i) for i in ids)}]".replace("'", '"')
                                 + f"&experiments=[\"{e}\"]",
             "run_overview.png": f"{base}/#/experiments/{e}/runs/{ids[-1]}?{ml}",

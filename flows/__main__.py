@@ -208,13 +208,15 @@ def cmd_sweep(args) -> int:
 def mlflow_ui_line(tracking_uri: str, experiment_id: str | None = None) -> str:
     """Where to see the run: the tracking server itself, else an `mlflow ui` on the store; credentials
     masked. With the experiment, the page to open: its runs in the UI's model-training view (MLflow 3
-    otherwise opens in its GenAI view of traces and prompts)."""
+    otherwise opens in its GenAI view of traces and prompts), in the saved view that charts the losses
+    first (flows/registry/ui_view.py)."""
     from flows.masking import mask_uri
+    from flows.registry.ui_view import VIEW_ID
 
     local = not tracking_uri.startswith(("http://", "https://"))
     base = "http://127.0.0.1:5000" if local else mask_uri(tracking_uri).rstrip("/")
-    page = f", then open {base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" \
-        if experiment_id else ""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_ID}"
+    page = f", then open {base}/#/experiments/{experiment_id}/runs?{query}" if experiment_id else ""
     if not local:
         return f"MLflow UI: {base}" + page.replace(", then open", ";")
     return (f"MLflow UI for this store:  mlflow ui --backend-store-uri {mask_uri(tracking_uri)} "

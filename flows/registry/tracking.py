@@ -21,6 +21,7 @@ from flows.config import PipelineConfig
 from flows.evaluate import EvalResult
 from flows.masking import mask_uri, mask_values
 from flows.registry.drivers import DRIVER_TAG, RAY_RUN_TAG, close_stale_runs, driver_record
+from flows.registry.ui_view import install_view, view_tag
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
 SAMPLES_TABLE = "samples.json"
@@ -231,13 +232,14 @@ def start_pipeline_run(cfg: PipelineConfig, tracking_uri: str, *, flow_run_id: s
         try:
             exp_id = client.create_experiment(cfg.registry.experiment,
                                               artifact_location=_local_artifact_location(tracking_uri),
-                                              tags={EXPERIMENT_KIND: MODEL_TRAINING})
+                                              tags={EXPERIMENT_KIND: MODEL_TRAINING, **dict([view_tag()])})
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             exp_id = client.get_experiment_by_name(cfg.registry.experiment).experiment_id  # created concurrently
     else:
         exp_id = exp.experiment_id
+        install_view(client, exp_id, exp.tags)  # experiments made before the view existed get it too
     if (found := _find_run(client, exp_id, flow_run_id, key_tag)) is not None:
         _take_over(client, found)
         return found.info.run_id

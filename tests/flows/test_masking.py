@@ -75,6 +75,6 @@ def test_the_cli_final_line_opens_the_experiment_in_the_model_training_view():
     from flows.__main__ import mlflow_ui_line
 
     line = mlflow_ui_line("sqlite:////tmp/wd/mlflow.db", "7")
-    assert line.endswith("then open http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning")
-    assert mlflow_ui_line("http://h:5000", "7") == \
-        "MLflow UI: http://h:5000; http://h:5000/#/experiments/7/runs?workflowType=machine_learning"
+    page = "#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=losses-first"
+    assert line.endswith(f"then open http://127.0.0.1:5000/{page}")
+    assert mlflow_ui_line("http://h:5000", "7") == f"MLflow UI: http://h:5000; http://h:5000/{page}"
