@@ -66,11 +66,12 @@ MAX_SETTINGS_CHARS = 32  # of the settings part; what does not fit is counted as
 
 
 def _short(value) -> str:
-    """3e-3 rather than 0.003: learning rates read as they are usually written."""
+    """3e-3 rather than 0.003: learning rates read as they are usually written; 0.0201 rather than
+    0.0200739 (a sampled value)."""
     if isinstance(value, float) and value and abs(value) < 0.01:
         mantissa, exponent = f"{value:.1e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def changed_for_name(cfg: PipelineConfig) -> str:

@@ -22,7 +22,7 @@ from flows.pipeline import _RETRY, _prepare_dataset_cached, _run_tags, evaluate_
 from flows.preflight import check_before_run
 from flows.registry import Registration
 from flows.sweep.spec import SweepConfig, check_sweep, sweep_name, trial_config
-from flows.sweep.trials import KEY_TAG
+from flows.sweep.trials import KEY_TAG, trial_label
 from flows.sweep.tuner import TrialOutcome
 from flows.train import check_cluster
 
@@ -85,10 +85,11 @@ def run_trials_task(cfg: PipelineConfig, sweep: SweepConfig, data: PreparedData)
         best = best_trial(trials)
     finally:
         log_sweep_results(cfg, sweep, dims, trials, tracking_uri=uri, parent_run_id=parent, best=best, name=name)
+    keys = [d.key for d in dims]
+    print(f"run_trials: {len(trials)} trial(s), {sum(t.outcome == 'completed' for t in trials)} completed:")
     for t in trials:
-        print(f"  trial {t.trial_id}: {t.outcome} at step {t.steps}, {sweep.metric} "
-              f"{'-' if t.metric is None else f'{t.metric:.4f}'}  {t.params}")
-    print(f"run_trials: best trial {best.trial_id} ({sweep.metric} {best.metric:.4f}): {best.params}")
+        print(f"  {trial_label(t.trial_id, t.params, keys)}: {t.outcome.replace('_', ' ')} at step {t.steps}, "
+              f"{sweep.metric} {'-' if t.metric is None else f'{t.metric:.4f}'}{'  <- best' if t is best else ''}")
     return SweepResult(name=name, parent_run_id=parent, trials=trials, best=best)
 
 

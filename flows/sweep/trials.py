@@ -77,7 +77,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         tags={"mlflow.parentRunId": ctx.parent_run_id, "sweep.name": ctx.sweep, "sweep.trial_id": trial_id})
     try:
         trained = train_model(cfg, ctx.data, run_name=run_name, tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id,
-                              callbacks=[TuneReportCallback()])
+                              callbacks=[TuneReportCallback()], progress=False)  # the sweep prints per trial
     except UserError as err:  # diverged, or a combination of values no model can have: this trial only
         client.set_tag(run_id, OUTCOME, FAILED)
         client.set_tag(run_id, ERROR, str(err)[:5000])

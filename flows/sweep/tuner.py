@@ -81,6 +81,33 @@ def _searcher(sweep: SweepConfig, concurrent: int):
     return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent)
 
 
+def progress_callback(keys: list[str], metric: str, max_steps: int):
+    """A Tune callback in the driver that prints one line per trial report and one when a trial ends."""
+    from ray import tune
+
+    from flows.sweep.trials import trial_label
+
+    def value(result: dict) -> str:
+        v = result.get(metric)
+        return f"{metric} {v:.4f}" if isinstance(v, (int, float)) else f"{metric} -"
+
+    class Progress(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            print(f"  {trial_label(trial.trial_id, trial.config, keys)}: step {result.get('step', '?')}/{max_steps}, "
+                  f"{value(result)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            ended = "completed" if result.get("step", 0) >= max_steps else "stopped early"
+            print(f"  {trial_label(trial.trial_id, trial.config, keys)}: {ended} at step {result.get('step', '?')}, "
+                  f"{value(result)}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"  {trial_label(trial.trial_id, trial.config, keys)}: failed (see its MLflow run's sweep.error)")
+
+    return Progress()
+
+
 def run_trials(cfg: PipelineConfig, sweep: SweepConfig, dims: list[Dimension], data: PreparedData, *,
                name: str, tracking_uri: str, parent_run_id: str) -> list[TrialOutcome]:
     """Run (or resume) sweep `name` to its end on the Ray this process is connected to."""
@@ -97,9 +124,10 @@ def run_trials(cfg: PipelineConfig, sweep: SweepConfig, dims: list[Dimension], d
     if tune.Tuner.can_restore(path):
         print(f"sweep {name}: resuming from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
+                                   restart_errored=False)  # its callbacks (progress) come back with it
     else:
         concurrent = concurrent_trials(cfg, sweep)
+        progress = progress_callback(context.keys, sweep.metric, cfg.train.max_steps)
         tuner = tune.Tuner(
             trainable, param_space=tune_space(dims),
             tune_config=tune.TuneConfig(metric=sweep.metric, mode="min", num_samples=sweep.trials,
@@ -107,7 +135,7 @@ def run_trials(cfg: PipelineConfig, sweep: SweepConfig, dims: list[Dimension], d
                                         max_concurrent_trials=concurrent if sweep.searcher != "random" else None,
                                         scheduler=_scheduler(cfg, sweep), search_alg=_searcher(sweep, concurrent),
                                         trial_dirname_creator=trial_dirname),
-            run_config=tune.RunConfig(name=name, storage_path=sweep_dir(cfg), verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=sweep_dir(cfg), verbose=0, callbacks=[progress],
                                       failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
     return outcomes(grid, sweep, tracking_uri, name, cfg)

@@ -96,13 +96,13 @@ def check_cluster(cfg: PipelineConfig) -> None:
 
 def train_model(cfg: PipelineConfig, data: PreparedData, *, run_name: str, tracking_uri: str | None = None,
                 mlflow_run_id: str | None = None, fault: FaultInjection | None = None,
-                callbacks: list | None = None) -> TrainResult:
+                callbacks: list | None = None, progress: bool = True) -> TrainResult:
     """Run (or resume) Ray Train run `run_name` under the storage path; returns its final checkpoint.
     Workers the joined cluster can never place are refused before anything starts (flows/train/cluster.py);
     the worker group's start-up is bounded by train.startup_timeout_s, and an exception in this thread
     while it waits (the stage's time limit) stops the run and its workers first (flows/train/supervise.py).
     `callbacks`: more Ray Train callbacks; a sweep's trial passes Ray Tune's, and the workers then report
-    every evaluation, not only the checkpoints."""
+    every evaluation, not only the checkpoints. `progress`: rank 0's progress lines on the console."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -118,7 +118,7 @@ def train_model(cfg: PipelineConfig, data: PreparedData, *, run_name: str, track
     claim_run_settings(cfg, storage, run_name, data.fingerprint)  # a reused name: the same training, or refused
     stage_data(data, storage)
     job = TrainJob(pipeline=cfg, data=data, tracking_uri=tracking_uri, mlflow_run_id=mlflow_run_id, fault=fault,
-                   report_evals=bool(callbacks))
+                   report_evals=bool(callbacks), progress=progress)
     score = tc.checkpoint_score
     callback, slot = controller_callback()
     trainer = TorchTrainer(

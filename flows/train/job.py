@@ -33,6 +33,7 @@ class TrainJob(BaseModel):
     mlflow_run_id: str | None = None
     fault: FaultInjection | None = None
     report_evals: bool = False  # report every evaluation to Ray Train, not only checkpoints (sweeps)
+    progress: bool = True  # rank 0 prints a progress line at each log step (a sweep prints per trial instead)
 
 
 class TrainResult(BaseModel):

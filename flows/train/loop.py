@@ -85,7 +85,7 @@ def train_loop_per_worker(config: dict) -> dict[str, str | float]:
                 if diverged := watch.check(done, loss, result.grad_norm, global_loss=True):
                     return _stop_diverged(diverged, result, logger, done)
                 metrics.update(train_loss=loss, lr=lr, grad_norm=result.grad_norm, **meter.measure())
-                if rank == 0:
+                if rank == 0 and job.progress:
                     print_progress(done, tc.max_steps, loss, lr, metrics["tokens_per_sec"],
                                    meter.eta(done, tc.max_steps))
             step_stage = "first_step" if step == start_step else "training"

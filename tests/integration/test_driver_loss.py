@@ -14,20 +14,17 @@ behind; the registered weights equal, bit for bit, those of an uninterrupted run
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.test_servers import PROJECT, base_env, start
+from tests.integration.test_servers import PROJECT, base_env, sigkill_tree, start
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -57,16 +54,7 @@ def kill_after_checkpoint(proc: subprocess.Popen, snapshot: Path, after: int, lo
     while not [s for s in registered_steps(snapshot) if s > after]:
         assert proc.poll() is None, f"the run ended before it was killed:\n{log.read_text()[-3000:]}"
         time.sleep(0.02)
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline, left = time.monotonic() + 60, tree
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in left:  # the test cleans up what it started, whatever the verdict
-        p.kill()
-    assert not left, f"left running after the driver died: {left}"
+    sigkill_tree(proc)
     last = registered_steps(snapshot)[-1]  # nothing writes it any more
     assert after < last < STEPS, (after, last)
     return last

@@ -57,6 +57,23 @@ def start(cmd: list[str], env: dict, log: Path, cwd: Path | None = None) -> subp
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def sigkill_tree(proc: subprocess.Popen, what: str = "the driver") -> None:
+    """SIGKILL proc alone, as a crash would, and check that everything it started goes with it (its
+    reaper's job) within a minute; whatever is left is killed here, then reported."""
+    import psutil
+
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline, left = time.monotonic() + 60, tree
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in left:  # the test cleans up what it started, whatever the verdict
+        p.kill()
+    assert not left, f"left running after {what} died: {left}"
+
+
 def stop(proc: subprocess.Popen) -> None:
     """End proc, its process group, and any descendant that left the group (a worker's flow run, its Ray)."""
     import psutil

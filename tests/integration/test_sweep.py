@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.integration.test_servers import PROJECT, base_env, start
+from tests.integration.test_servers import PROJECT, base_env, sigkill_tree, start
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,19 +57,6 @@ def wait_for_completed_trial(client, workdir: Path, proc: subprocess.Popen, log:
         time.sleep(0.2)
 
 
-def sigkill_tree(proc: subprocess.Popen) -> None:
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline, left = time.monotonic() + 60, tree
-    while left and time.monotonic() < deadline:
-        time.sleep(0.5)
-        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for p in left:
-        p.kill()
-    assert not left, f"left running after the sweep's driver died: {left}"
-
-
 def checkpoints_of(trained: dict) -> dict[str, list[str]]:
     run_dir = Path(trained["storage_path"]) / trained["run_name"]
     return {d.name: sorted(f.name for f in d.iterdir()) for d in sorted(run_dir.glob("checkpoint_0*"))}
@@ -95,7 +79,7 @@ def test_sweep_killed_after_first_trial_resumes_and_registers_one_version(tmp_pa
     first_log = tmp_path / "first.log"
     first = start(command, env, first_log, cwd=PROJECT)
     exp, finished = wait_for_completed_trial(client, workdir, first, first_log)
-    sigkill_tree(first)
+    sigkill_tree(first, "the sweep's driver")
     finished = client.get_run(finished.info.run_id)  # as the kill left it
     before = {key: [(m.step, m.value) for m in client.get_metric_history(finished.info.run_id, key)]
               for key in ("train_loss", "val_loss")}
