@@ -45,9 +45,9 @@ def trial_key(sweep: str, trial_id: str) -> str:
 
 def trial_label(trial_id: str, params: dict[str, Any], keys: list[str]) -> str:
     """'trial 3: lr=2.1e-3,n_embd=128': the trial's number and its values, as a run name shows them."""
-    from flows.pipeline import NAMED_SETTINGS, _short
+    from flows.naming import NAMED_SETTINGS, short_value
 
-    values = ",".join(f"{NAMED_SETTINGS.get(k, k.split('.')[-1])}={_short(params[k])}" for k in keys if k in params)
+    values = ",".join(f"{NAMED_SETTINGS.get(k, k.split('.')[-1])}={short_value(params[k])}" for k in keys if k in params)
     return f"trial {int(trial_id.rsplit('_', 1)[-1])}: {values}"
 
 
