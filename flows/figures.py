@@ -24,10 +24,18 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
-def figure_pixels(fig: Figure) -> np.ndarray:
-    """The figure rendered as an RGB array (H, W, 3) of uint8, what MLflow's `log_image` takes."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+def figure_pixels(fig: Figure, *, rendered: bool = False) -> np.ndarray:
+    """The figure rendered as an RGB array (H, W, 3) of uint8, what MLflow's `log_image` takes.
+
+    rendered: the canvas was just rendered at the figure's own size (a `savefig` at its dpi, which is
+    what MLflow's `log_figure` does), so its buffer is read rather than drawn again: a layer x head
+    heatmap is millions of pixels, and each rendering of it takes seconds."""
+    canvas = fig.canvas
+    width, height = canvas.get_width_height(physical=True)
+    renderer = getattr(canvas, "renderer", None)
+    if not (rendered and renderer is not None and (renderer.width, renderer.height) == (width, height)):
+        canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def token_label(text: str, max_chars: int = 8) -> str:

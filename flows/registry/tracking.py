@@ -313,7 +313,7 @@ def log_evaluation(tracking_uri: str, run_id: str, result: EvalResult, figures: 
         # also as an image by key, which the chart view and the compare view show side by side
         # (the compare view's artifact pane skips files in folders); an earlier attempt's stays
         if not any(re.match(rf"{re.escape(key)}[+%]step[+%]", image) for image in logged_images):
-            client.log_image(run_id, figure_pixels(fig), key=key, step=0)
+            client.log_image(run_id, figure_pixels(fig, rendered=True), key=key, step=0)
     if SAMPLES_TABLE not in {a.path for a in client.list_artifacts(run_id)}:  # log_table appends
         client.log_table(run_id, data={"prompt": [s["prompt"] for s in result.samples],
                                        "completion": [s["completion"] for s in result.samples]},

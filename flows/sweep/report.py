@@ -115,7 +115,7 @@ def log_sweep_results(cfg: PipelineConfig, sweep: SweepConfig, dims: list[Dimens
     for key, fig in figures.items():
         client.log_figure(parent_run_id, fig, f"figures/{key}.png")
         if not any(image.startswith(f"{key}%step%") or image.startswith(f"{key}+step+") for image in images):
-            client.log_image(parent_run_id, figure_pixels(fig), key=key, step=0)
+            client.log_image(parent_run_id, figure_pixels(fig, rendered=True), key=key, step=0)
     ts = int(time.time() * 1000)
     metrics = sweep_metrics(trials, cfg.train.max_steps, sweep.metric)
     tags = {"sweep.best_trial_id": best.trial_id, "sweep.best_run_id": best.run_id or ""} if best else {}

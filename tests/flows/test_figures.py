@@ -83,3 +83,22 @@ def test_figure_pixels_are_an_rgb_image():
     pixels = figure_pixels(loss_curves_figure([(1, 1.0), (2, 0.5)], []))
     assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
     assert pixels.shape[:2] == (400, 700) and pixels.std() > 0
+
+
+def test_pixels_read_after_savefig_are_the_saved_png(tmp_path):
+    """What log_evaluation logs as an image by key is read from the rendering that log_figure's savefig
+    left (not drawn again: seconds for a large heatmap), and is exactly the PNG figure it saved."""
+    import numpy as np
+    from PIL import Image
+
+    from flows.figures import attention_heatmaps_figure, figure_pixels
+
+    maps = np.random.default_rng(0).random((2, 2, 5, 5))
+    maps /= maps.sum(-1, keepdims=True)
+    fig = attention_heatmaps_figure(maps, list("abcde"), title="run x")
+    fig.savefig(tmp_path / "f.png")  # what MLflow's log_figure does
+    saved = np.asarray(Image.open(tmp_path / "f.png").convert("RGB"))
+    assert np.array_equal(figure_pixels(fig, rendered=True), saved)
+    never_drawn = attention_heatmaps_figure(maps, list("abcde"), title="run x")
+    pixels = figure_pixels(never_drawn, rendered=True)  # nothing to reuse: drawn
+    assert pixels.shape == saved.shape and pixels.std() > 0
