@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig
 from flows.data import PreparedData
+from flows.train.job import FaultInjection
 
 KEY_TAG = "sweep.run_key"  # finds a sweep's runs: "<sweep>" (the parent), "<sweep>/<trial id>" (a trial)
 OUTCOME, RESULT, ERROR = "sweep.outcome", "sweep.train_result", "sweep.error"
@@ -37,6 +38,7 @@ class TrialContext(BaseModel):
     parent_run_id: str
     tracking_uri: str
     keys: list[str]  # the searched keys, in the order given
+    fault: FaultInjection | None = None  # recovery tests only: the first trial to reach it loses its rank-0 worker
 
 
 def trial_key(sweep: str, trial_id: str) -> str:
@@ -77,7 +79,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         tags={"mlflow.parentRunId": ctx.parent_run_id, "sweep.name": ctx.sweep, "sweep.trial_id": trial_id})
     try:
         trained = train_model(cfg, ctx.data, run_name=run_name, tracking_uri=ctx.tracking_uri, mlflow_run_id=run_id,
-                              callbacks=[TuneReportCallback()], progress=False)  # the sweep prints per trial
+                              fault=ctx.fault, callbacks=[TuneReportCallback()], progress=False)  # printed per trial
     except UserError as err:  # diverged, or a combination of values no model can have: this trial only
         client.set_tag(run_id, OUTCOME, FAILED)
         client.set_tag(run_id, ERROR, str(err)[:5000])

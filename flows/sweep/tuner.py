@@ -109,15 +109,16 @@ def progress_callback(keys: list[str], metric: str, max_steps: int):
 
 
 def run_trials(cfg: PipelineConfig, sweep: SweepConfig, dims: list[Dimension], data: PreparedData, *,
-               name: str, tracking_uri: str, parent_run_id: str) -> list[TrialOutcome]:
-    """Run (or resume) sweep `name` to its end on the Ray this process is connected to."""
+               name: str, tracking_uri: str, parent_run_id: str, fault=None) -> list[TrialOutcome]:
+    """Run (or resume) sweep `name` to its end on the Ray this process is connected to (`fault`, a
+    FaultInjection: recovery tests only)."""
     from ray import tune
 
     from flows.train.staging import stage_data
 
     stage_data(data, cfg.storage_path())  # once, before the trials: they read the staged copy
     context = TrialContext(base=cfg, data=data, sweep=name, parent_run_id=parent_run_id,
-                           tracking_uri=tracking_uri, keys=[d.key for d in dims])
+                           tracking_uri=tracking_uri, keys=[d.key for d in dims], fault=fault)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context.model_dump(mode="json")),
                                     {"cpu": 0, "memory": 1})  # the trial function takes no CPU: its workers do
     path = f"{sweep_dir(cfg)}/{name}"
