@@ -50,7 +50,8 @@ def trial_label(trial_id: str, params: dict[str, Any], keys: list[str]) -> str:
     from flows.naming import NAMED_SETTINGS, short_value
 
     values = ",".join(f"{NAMED_SETTINGS.get(k, k.split('.')[-1])}={short_value(params[k])}" for k in keys if k in params)
-    return f"trial {int(trial_id.rsplit('_', 1)[-1])}: {values}"
+    suffix = trial_id.rsplit("_", 1)[-1]  # a number under random search; Optuna's trials have hex ids
+    return f"trial {int(suffix) if suffix.isdigit() else suffix}: {values}"
 
 
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:

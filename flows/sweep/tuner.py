@@ -87,23 +87,29 @@ def progress_callback(keys: list[str], metric: str, max_steps: int):
 
     from flows.sweep.trials import trial_label
 
+    def say(line) -> None:
+        try:
+            print(line())
+        except Exception as exc:  # noqa: BLE001 - a progress line must never end a sweep (Tune re-raises)
+            print(f"  (a progress line failed: {exc!r})")
+
     def value(result: dict) -> str:
         v = result.get(metric)
         return f"{metric} {v:.4f}" if isinstance(v, (int, float)) else f"{metric} -"
 
     class Progress(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            print(f"  {trial_label(trial.trial_id, trial.config, keys)}: step {result.get('step', '?')}/{max_steps}, "
-                  f"{value(result)}")
+            say(lambda: f"  {trial_label(trial.trial_id, trial.config, keys)}: step {result.get('step', '?')}/"
+                        f"{max_steps}, {value(result)}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
             ended = "completed" if result.get("step", 0) >= max_steps else "stopped early"
-            print(f"  {trial_label(trial.trial_id, trial.config, keys)}: {ended} at step {result.get('step', '?')}, "
-                  f"{value(result)}")
+            say(lambda: f"  {trial_label(trial.trial_id, trial.config, keys)}: {ended} at step "
+                        f"{result.get('step', '?')}, {value(result)}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"  {trial_label(trial.trial_id, trial.config, keys)}: failed (see its MLflow run's sweep.error)")
+            say(lambda: f"  {trial_label(trial.trial_id, trial.config, keys)}: failed (its MLflow run's sweep.error)")
 
     return Progress()
 

@@ -138,3 +138,13 @@ def test_the_cli_refuses_bad_sweeps_in_one_line_with_exit_2(argv, names, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and names in err and err.count("\n") == 1
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("trial_id, label", [
+    ("5767e_00003", "trial 3: lr=2e-3,n_embd=64"),  # random search numbers its trials
+    ("1164f087", "trial 1164f087: lr=2e-3,n_embd=64"),  # a searcher's (Optuna's) trials have hex ids
+])
+def test_trial_labels_name_the_trial_and_its_values(trial_id, label):
+    from flows.sweep.trials import trial_label
+
+    assert trial_label(trial_id, {"train.lr": 2e-3, "model.n_embd": 64}, ["train.lr", "model.n_embd"]) == label
