@@ -1,5 +1,5 @@
 """A trial that loses its worker resumes from its checkpoint, as a single run does (real local Ray with
-Ray Tune and Ray Train, MLflow on SQLite): the trial's rank-0 worker SIGKILLs itself right after its
+Ray Tune, Optuna's searcher and Ray Train, MLflow on SQLite): the trial's rank-0 worker SIGKILLs itself right after its
 step-10 checkpoint; Ray Train restarts the worker group from that checkpoint inside the same Tune trial,
 which completes, every step logged exactly once to the trial's run."""
 
@@ -29,7 +29,8 @@ def test_a_trial_that_loses_its_worker_resumes_from_its_checkpoint(tmp_path: Pat
 
     cfg = load_config(overrides=[f"workdir={tmp_path / 'wd'}", f"data.source={shakespeare}", *TINY])
     data = prepare_dataset(cfg)
-    sweep = SweepConfig(search={"train.lr": "choice:3e-3"}, trials=1, scheduler="fifo")
+    # Optuna's searcher (the optuna extra), end to end: its trials carry ids of their own
+    sweep = SweepConfig(search={"train.lr": "loguniform:1e-3:3e-3"}, trials=1, scheduler="fifo", searcher="optuna")
     uri = cfg.tracking_uri()
     parent = start_pipeline_run(cfg, uri, flow_run_id="sweep-fault", key_tag=KEY_TAG, run_name="sweep-fault")
     marker = tmp_path / "killed"
