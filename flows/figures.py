@@ -84,8 +84,11 @@ def attention_heatmaps_figure(maps: np.ndarray, tokens: Sequence[str], title: st
         for head in range(n_head):
             ax = axes[layer][head]
             image = ax.imshow(maps[layer, head], norm=norm, cmap="magma", interpolation="nearest")
-            ax.set_xticks(range(T), labels, rotation=rotation, fontsize=10, fontfamily="DejaVu Sans Mono")
-            ax.set_yticks(range(T), labels, fontsize=10, fontfamily="DejaVu Sans Mono")
+            # Every map has the same tokens on both axes: labelled once, along the left column and the
+            # bottom row (hundreds of tick labels on every map cost seconds to draw, and say nothing new).
+            ax.set_xticks(range(T), labels if layer == n_layer - 1 else [], rotation=rotation, fontsize=10,
+                          fontfamily="DejaVu Sans Mono")
+            ax.set_yticks(range(T), labels if head == 0 else [], fontsize=10, fontfamily="DejaVu Sans Mono")
             ax.set_title(f"layer {layer} · head {head}", fontsize=11)
             if head == 0:
                 ax.set_ylabel("query")
