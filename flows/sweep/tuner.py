@@ -125,8 +125,10 @@ def run_trials(cfg: PipelineConfig, sweep: SweepConfig, dims: list[Dimension], d
     stage_data(data, cfg.storage_path())  # once, before the trials: they read the staged copy
     context = TrialContext(base=cfg, data=data, sweep=name, parent_run_id=parent_run_id,
                            tracking_uri=tracking_uri, keys=[d.key for d in dims], fault=fault)
+    # The trial function takes no CPU (its Ray Train workers do); Tune refuses a request of nothing at
+    # all, so it asks for one byte of memory.
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context.model_dump(mode="json")),
-                                    {"cpu": 0, "memory": 1})  # the trial function takes no CPU: its workers do
+                                    {"cpu": 0, "memory": 1})
     path = f"{sweep_dir(cfg)}/{name}"
     if tune.Tuner.can_restore(path):
         print(f"sweep {name}: resuming from {path}")
