@@ -57,10 +57,15 @@ def _ray_run_name(cfg: PipelineConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------- naming, lineage
+def flow_config(parameters: dict) -> PipelineConfig:
+    """The `config` parameter of a flow run as a PipelineConfig (Prefect hands hooks and run-name
+    functions the parameters as given: a model or its JSON)."""
+    config = parameters.get("config")
+    return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
+
+
 def _flow_run_name() -> str:
-    config = flow_run.parameters.get("config")
-    cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
-    return run_name_for(cfg, flow_run.scheduled_start_time)
+    return run_name_for(flow_config(flow_run.parameters), flow_run.scheduled_start_time)
 
 
 def _run_tags() -> dict[str, str]:
@@ -226,9 +231,7 @@ def _close_mlflow_run(status: str):
     def hook(flow, flow_run_, state) -> None:
         from flows.registry import close_pipeline_run
 
-        config = flow_run_.parameters.get("config")
-        cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
-        cfg = with_environment(cfg)  # as the flow saw it
+        cfg = with_environment(flow_config(flow_run_.parameters))  # as the flow saw it
         try:
             close_pipeline_run(cfg, cfg.tracking_uri(), flow_run_id=str(flow_run_.id), status=status)
         except Exception as exc:  # noqa: BLE001 - a hook must not mask the flow's own failure

@@ -18,7 +18,8 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig, with_environment
 from flows.data import PreparedData
 from flows.deadline import time_limit
-from flows.pipeline import _RETRY, _prepare_dataset_cached, _run_tags, evaluate_model_task, register_model_task
+from flows.pipeline import _RETRY, _prepare_dataset_cached, _run_tags, evaluate_model_task, flow_config, \
+    register_model_task
 from flows.preflight import check_before_run
 from flows.registry import Registration
 from flows.sweep.spec import SweepConfig, check_sweep, sweep_name, trial_config
@@ -93,11 +94,13 @@ def run_trials_task(cfg: PipelineConfig, sweep: SweepConfig, data: PreparedData)
     return SweepResult(name=name, parent_run_id=parent, trials=trials, best=best)
 
 
+def _sweep_config(parameters: dict) -> SweepConfig:
+    sweep = parameters.get("sweep")
+    return sweep if isinstance(sweep, SweepConfig) else SweepConfig.model_validate(sweep or {})
+
+
 def _flow_run_name() -> str:
-    config, sweep = flow_run.parameters.get("config"), flow_run.parameters.get("sweep")
-    cfg = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config or {})
-    sw = sweep if isinstance(sweep, SweepConfig) else SweepConfig.model_validate(sweep or {})
-    return sweep_name(with_environment(cfg), sw)
+    return sweep_name(flow_config(flow_run.parameters), _sweep_config(flow_run.parameters))
 
 
 def _close_parent(status: str):
@@ -108,10 +111,8 @@ def _close_parent(status: str):
         from flows.registry import mlflow_client
         from flows.registry.tracking import _find_run
 
-        config, sweep = flow_run_.parameters.get("config"), flow_run_.parameters.get("sweep")
-        cfg = with_environment(config if isinstance(config, PipelineConfig)
-                               else PipelineConfig.model_validate(config or {}))
-        sw = sweep if isinstance(sweep, SweepConfig) else SweepConfig.model_validate(sweep or {})
+        cfg = with_environment(flow_config(flow_run_.parameters))
+        sw = _sweep_config(flow_run_.parameters)
         try:
             client = mlflow_client(cfg.tracking_uri())
             exp = client.get_experiment_by_name(cfg.registry.experiment)
