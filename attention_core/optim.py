@@ -1,7 +1,7 @@
 """Optimizers and learning-rate schedules: AdamW, or Muon for the hidden matrices with AdamW for the rest.
 
 `configure_optimizer` builds AdamW with weight decay only on matmul weights (nanoGPT's groups) or,
-with `optimizer="muon"`, one `MuonWithAdamW`: `torch.optim.Muon` (Jordan et al. 2024; modded-nanogpt)
+with `optimizer="muon"`, one `MuonWithAdamW`: `Muon` (Jordan et al. 2024; modded-nanogpt)
 orthogonalises the update of every matrix inside the blocks, and AdamW keeps the embeddings, the head,
 norm gains and biases, which Muon is not meant for. Every parameter group carries `lr_scale`, its
 learning rate relative to the schedule's (Muon's 0.02 next to AdamW's 2e-3), which `train_step`
@@ -62,8 +62,88 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=
     return MuonWithAdamW([g for g in muon if g["params"]], groups, momentum=muon_momentum, adamw=adamw)
 
 
+def orthogonalize(g: torch.Tensor, steps: int = 5, coefficients=(3.4445, -4.7750, 2.0315),
+                  eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The Newton-Schulz iteration of Muon: g (..., rows, cols) mapped to roughly the nearest
+    semi-orthogonal matrix (singular values pushed to ~1, within about 0.5-1.5 with these
+    coefficients), each matrix of a batch on its own. Computed in `dtype` and returned in it.
+
+    Each step is X <- aX + (bA + cA^2)X with A = XX^T; the short side is kept first so that A is the
+    small Gram matrix. Dividing by the Frobenius norm first puts every singular value in (0, 1].
+    """
+    a, b, c = coefficients
+    x = g.to(dtype).reshape(-1, *g.shape[-2:])  # (batch, rows, cols)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b*A + c*A@A
+        x = torch.baddbmm(x, poly, x, beta=a)  # a*X + poly@X
+    return (x.mT if tall else x).reshape(g.shape)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: SGD with Nesterov momentum whose update, for each matrix, is orthogonalised by
+    `orthogonalize` before it is applied. The algorithm, defaults and state ("momentum_buffer") are
+    torch.optim.Muon's; two things differ, both for speed:
+
+    - the iteration runs in `ns_dtype`: by default bfloat16 on CUDA (as torch.optim.Muon always does)
+      but float32 elsewhere. A CPU without native bf16 matrix units (AVX2, most laptops) multiplies
+      bf16 matrices ~20x slower than fp32: torch.optim.Muon there took 1.04 s a step against 0.07 s
+      for AdamW on nanoGPT's CPU model (BENCHMARKS.md, "muon_step"). On a CPU that has them, fp32 was
+      still as fast (23 against 21 ms).
+    - the matrices of one shape (every layer's c_attn, ...) are orthogonalised together, one batched
+      matmul per step of the iteration instead of one per matrix.
+
+    The learning rate is scaled by sqrt(max(1, rows/cols)) (torch's "original" adjustment) so every
+    shape moves by about the same RMS; weight decay is decoupled and uses the unscaled rate.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7,
+                 ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"Muon: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ValueError(f"Muon takes matrices only; got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = []
+            for p in params:
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                updates.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
+            by_shape: dict[tuple, list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault((tuple(p.shape), p.device), []).append(i)
+            for (_, device), index in by_shape.items():
+                dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+                stacked = torch.stack([updates[i] for i in index])
+                ortho = orthogonalize(stacked, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
+                for k, i in enumerate(index):
+                    p, lr = params[i], group["lr"]
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(ortho[k].to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+        return loss
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon for some parameter groups and torch.optim.AdamW for the others, as one optimizer.
+    """Muon for some parameter groups and torch.optim.AdamW for the others, as one optimizer.
 
     One optimizer rather than two, so that whatever handles "the optimizer" works unchanged: the
     schedule setting each group's lr, `train_step`, TrainState's by-name state and
@@ -77,7 +157,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
         # the inner optimizers fill in each group's defaults; this one then owns the same groups
         self._inner: dict[str, torch.optim.Optimizer] = {}
         for name, groups, build in (
-                ("muon", muon_groups, lambda g: torch.optim.Muon(g, momentum=momentum, nesterov=True)),
+                ("muon", muon_groups, lambda g: Muon(g, momentum=momentum, nesterov=True)),
                 ("adamw", adamw_groups, lambda g: torch.optim.AdamW(g, **(adamw or {})))):
             if groups:
                 self._inner[name] = build(groups)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attention_core import MuonWithAdamW, TrainState, configure_optimizer, lr_at, train_step
+from attention_core import Muon, MuonWithAdamW, TrainState, configure_optimizer, lr_at, orthogonalize, train_step
 
 
 def batch(seed: int):
@@ -52,7 +52,7 @@ def test_the_schedule_moves_each_group_by_its_own_scale(tiny_model):
         assert math.isclose(group["lr"], (0.015 if group["algorithm"] == "muon" else 1e-3))
 
 
-def test_one_optimizer_steps_exactly_as_torch_muon_and_adamw_side_by_side(tiny_model):
+def test_one_optimizer_steps_exactly_as_muon_and_adamw_side_by_side(tiny_model):
     model, reference = tiny_model(seed=3), tiny_model(seed=3)
     combined = configure_optimizer(model, lr=1e-3, weight_decay=0.1, optimizer="muon", muon_lr=0.02,
                                    muon_weight_decay=0.05, fused=False)
@@ -63,8 +63,8 @@ def test_one_optimizer_steps_exactly_as_torch_muon_and_adamw_side_by_side(tiny_m
     def same(group):
         return [by_name[names[id(p)]] for p in group["params"]]
 
-    muon = torch.optim.Muon([{"params": same(g), "weight_decay": g["weight_decay"]}
-                             for g in groups if g["algorithm"] == "muon"], lr=0.02, momentum=0.95, nesterov=True)
+    muon = Muon([{"params": same(g), "weight_decay": g["weight_decay"]}
+                 for g in groups if g["algorithm"] == "muon"], lr=0.02, momentum=0.95, nesterov=True)
     adamw = torch.optim.AdamW([{"params": same(g), "weight_decay": g["weight_decay"]}
                                for g in groups if g["algorithm"] == "adamw"], lr=1e-3, betas=(0.9, 0.95),
                               eps=1e-8, fused=False)
@@ -76,6 +76,55 @@ def test_one_optimizer_steps_exactly_as_torch_muon_and_adamw_side_by_side(tiny_m
         muon.step(), adamw.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, by_name[name], rtol=0, atol=0, msg=name)
+
+
+def muon_pair(tiny_model, steps=3, **ours):
+    model, reference = tiny_model(seed=5), tiny_model(seed=5)
+    matrices = [n for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("h.")]
+    by_name = dict(reference.named_parameters())
+    start = {n: p.detach().clone() for n, p in by_name.items()}
+    mine = Muon([dict(model.named_parameters())[n] for n in matrices], lr=0.02, weight_decay=0.1, **ours)
+    theirs = torch.optim.Muon([by_name[n] for n in matrices], lr=0.02, weight_decay=0.1)
+    for step in range(steps):
+        x, y = batch(step)
+        for m, opt in ((model, mine), (reference, theirs)):
+            opt.zero_grad()
+            m(x, y)[1].backward()
+            opt.step()
+    return [(n, dict(model.named_parameters())[n] - start[n], by_name[n] - start[n]) for n in matrices]
+
+
+def test_muon_in_bfloat16_is_torch_optim_muon_exactly(tiny_model):
+    # the same algorithm, state and arithmetic: only the matrices of one shape go through together
+    for name, moved, reference in muon_pair(tiny_model, ns_dtype=torch.bfloat16):
+        torch.testing.assert_close(moved, reference, rtol=0, atol=0, msg=name)
+    assert len({p.shape for _, p, _ in muon_pair(tiny_model)}) < len(muon_pair(tiny_model))  # batched
+
+
+def test_muon_on_cpu_orthogonalises_in_float32(tiny_model):
+    # float32 is more precise than torch's bf16: a step moves each matrix in the same direction by
+    # the same amount, up to bf16's rounding inside the iteration
+    for name, moved, reference in muon_pair(tiny_model, steps=1):
+        assert not torch.equal(moved, reference)
+        cosine = torch.nn.functional.cosine_similarity(moved.flatten(), reference.flatten(), dim=0)
+        assert cosine > 0.99 and 0.95 < moved.norm() / reference.norm() < 1.05, (name, cosine)
+
+
+def test_orthogonalize_pushes_every_singular_value_towards_one():
+    g = torch.randn(3, 96, 32, generator=torch.Generator().manual_seed(0))  # tall: run on its transpose
+    g[1] *= 1e3  # scale does not matter
+    out = orthogonalize(g)
+    assert out.shape == g.shape and out.dtype == torch.float32
+    for matrix, single in zip(out, g):
+        values = torch.linalg.svdvals(matrix)
+        assert 0.5 < values.min() and values.max() < 1.5
+        torch.testing.assert_close(matrix, orthogonalize(single))  # the batch changes nothing
+    assert orthogonalize(g, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_muon_refuses_a_non_matrix():
+    with pytest.raises(ValueError, match="matrices only"):
+        Muon([torch.nn.Parameter(torch.zeros(4))])
 
 
 def test_a_muon_checkpoint_resumes_exactly(tiny_model, tmp_path):
