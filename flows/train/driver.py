@@ -54,7 +54,10 @@ def ensure_ray(cfg: PipelineConfig, *, dashboard: bool = False) -> bool:
         return False
     kwargs = {"include_dashboard": dashboard, "log_to_driver": True}
     if cfg.train.ray_address:
-        ray.init(address=cfg.train.ray_address, **kwargs)
+        try:
+            ray.init(address=cfg.train.ray_address, **kwargs)
+        except ConnectionError as err:  # after Ray's own retries
+            raise UserError(_join_failure(cfg.train.ray_address, err)) from None
         return False
     # never silently join a cluster someone started with `ray start`
     ray.init(address="local", runtime_env={"env_vars": LOCAL_RAY_TRAIN_ENV}, **kwargs)
@@ -62,6 +65,21 @@ def ensure_ray(cfg: PipelineConfig, *, dashboard: bool = False) -> bool:
 
     start_reaper()  # if this process is killed, Ray's agents and workers go too (however the flow was started)
     return True
+
+
+def _join_failure(address: str, err: ConnectionError) -> str:
+    """One line for a Ray cluster this process could not join: a refused token says how to give one."""
+    from ray.exceptions import AuthenticationError
+
+    chain, cause = [], err
+    while cause is not None and len(chain) < 10:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, AuthenticationError) or "InvalidAuthToken" in str(c) for c in chain):
+        return (f"train.ray_address: the Ray cluster at {address} refused this client's Ray token: run with "
+                "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH "
+                "names, or ~/.ray/auth_token")
+    return f"train.ray_address: could not join the Ray cluster at {address}: {str(err).splitlines()[0]}"
 
 
 def stop_ray(*, in_background: bool = False, on_stopped: Callable[[float], None] | None = None) -> None:

@@ -3,7 +3,7 @@
 (a) `python -m flows run` asking for what the Ray it would use can never hold (64 workers on this
 2-CPU machine, or a GPU where there is none), on a local Ray and on a joined two-node cluster: one
 line on stderr naming the key, what was asked and what the machine or cluster has, exit code 2, no
-MLflow run left RUNNING. (b) A whole pipeline run on the cluster whose training outlives train.timeout_s:
+MLflow run left RUNNING; a cluster that refuses this client's Ray token is one line too. (b) A whole pipeline run on the cluster whose training outlives train.timeout_s:
 it fails naming the stage and the key, its MLflow run is FAILED, and neither a Ray Train worker actor
 nor a worker process is left on the cluster, which stays up (on a cluster a leftover worker would hold
 its CPUs for good); then the same limit with this process as the driver, which stays connected (Ray
@@ -151,6 +151,29 @@ def test_an_impossible_request_fails_at_once_in_one_line(where, ask, tmp_path, c
     assert HAS[where].format(cpus=os.cpu_count()) in last, last
     assert "RUNNING" not in mlflow_statuses(workdir)
     assert not (workdir / "ray_results").exists()  # no Ray Train run was started
+
+
+@pytest.mark.parametrize("token", ["auth mode unset", "wrong token"])
+def test_a_cluster_that_refuses_our_token_is_one_line(token, cluster, tmp_path, corpus):
+    # the mistakes a user joining a token-auth cluster (Ray 2.60's default) makes: no RAY_AUTH_MODE=token,
+    # which leaves the client's token off, or another cluster's token
+    env = env_for("cluster", cluster.gcs_address)
+    if token == "auth mode unset":
+        env.pop("RAY_AUTH_MODE")
+    else:
+        env["RAY_AUTH_TOKEN"] = "0" * 48
+    workdir = tmp_path / "wd"
+    proc, out, err = flows_run(tmp_path, [*TINY, f"workdir={workdir}", f"data.source={corpus}"], env, token)
+
+    assert finish(proc, 300, out, err) == 2, err.read_text()[-3000:]
+    last = err.read_text().strip().splitlines()[-1]
+    assert last == (f"error: train.ray_address: the Ray cluster at {cluster.gcs_address} refused this client's "
+                    "Ray token: run with RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, the file "
+                    "RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token"), last
+    assert "Traceback" not in out.read_text() + err.read_text()
+    assert cluster.token not in out.read_text() + err.read_text()
+    assert mlflow_statuses(workdir) == []  # refused before the data stage and the MLflow run
+    assert not (workdir / "ray_results").exists()
 
 
 # ------------------------------------------------------------------------------------- (b) time limit
