@@ -57,7 +57,11 @@ def ensure_ray(cfg: PipelineConfig, *, dashboard: bool = False) -> bool:
         try:
             ray.init(address=cfg.train.ray_address, **kwargs)
         except ConnectionError as err:  # after Ray's own retries
-            raise UserError(_join_failure(cfg.train.ray_address, err)) from None
+            if _token_refused(err):  # never transient: not retried, one line
+                raise UserError(f"train.ray_address: the Ray cluster at {cfg.train.ray_address} refused this "
+                                "client's Ray token: run with RAY_AUTH_MODE=token and the cluster's token in "
+                                "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token") from None
+            raise  # unreachable, maybe for now: the task's retries try again
         return False
     # never silently join a cluster someone started with `ray start`
     ray.init(address="local", runtime_env={"env_vars": LOCAL_RAY_TRAIN_ENV}, **kwargs)
@@ -67,19 +71,17 @@ def ensure_ray(cfg: PipelineConfig, *, dashboard: bool = False) -> bool:
     return True
 
 
-def _join_failure(address: str, err: ConnectionError) -> str:
-    """One line for a Ray cluster this process could not join: a refused token says how to give one."""
+def _token_refused(err: BaseException) -> bool:
+    """Whether joining a Ray cluster failed because it refused this client's token (Ray's token auth)."""
     from ray.exceptions import AuthenticationError
 
-    chain, cause = [], err
-    while cause is not None and len(chain) < 10:
-        chain.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    if any(isinstance(c, AuthenticationError) or "InvalidAuthToken" in str(c) for c in chain):
-        return (f"train.ray_address: the Ray cluster at {address} refused this client's Ray token: run with "
-                "RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH "
-                "names, or ~/.ray/auth_token")
-    return f"train.ray_address: could not join the Ray cluster at {address}: {str(err).splitlines()[0]}"
+    for _ in range(10):  # Ray wraps it: ConnectionError <- RuntimeError <- AuthenticationError
+        if err is None:
+            return False
+        if isinstance(err, AuthenticationError) or "InvalidAuthToken" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def stop_ray(*, in_background: bool = False, on_stopped: Callable[[float], None] | None = None) -> None:
