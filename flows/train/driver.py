@@ -14,6 +14,7 @@ any fault injection arrive in the config and the arguments.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -57,7 +58,7 @@ def ensure_ray(cfg: PipelineConfig, *, dashboard: bool = False) -> bool:
         try:
             ray.init(address=cfg.train.ray_address, **kwargs)
         except ConnectionError as err:  # after Ray's own retries
-            if _token_refused(err):  # never transient: not retried, one line
+            if _token_refused(cfg.train.ray_address, err):  # never transient: not retried, one line
                 raise UserError(f"train.ray_address: the Ray cluster at {cfg.train.ray_address} refused this "
                                 "client's Ray token: run with RAY_AUTH_MODE=token and the cluster's token in "
                                 "RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or ~/.ray/auth_token") from None
@@ -71,16 +72,29 @@ def ensure_ray(cfg: PipelineConfig, *, dashboard: bool = False) -> bool:
     return True
 
 
-def _token_refused(err: BaseException) -> bool:
-    """Whether joining a Ray cluster failed because it refused this client's token (Ray's token auth)."""
+def _token_refused(address: str, err: BaseException) -> bool:
+    """Whether joining the Ray cluster at `address` failed because it refused this client's token (Ray's
+    token auth). Ray keeps only its last attempt's error, as text, which under load may be a timeout; so
+    when that does not say, ask the cluster once more (it refuses a token at once)."""
+    from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError
 
-    for _ in range(10):  # Ray wraps it: ConnectionError <- RuntimeError <- AuthenticationError
-        if err is None:
-            return False
-        if isinstance(err, AuthenticationError) or "InvalidAuthToken" in str(err):
+    cause: BaseException | None = err
+    while cause is not None:  # ConnectionError <- RuntimeError("... Last connection error: <traceback>")
+        if isinstance(cause, AuthenticationError) or "InvalidAuthToken" in str(cause):
             return True
-        err = err.__cause__ or err.__context__
+        cause = cause.__cause__ or cause.__context__
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError):  # nobody listens there (or not host:port): not a token
+        return False
+    try:
+        GcsClient(address=address)
+    except AuthenticationError:
+        return True
+    except Exception:  # noqa: BLE001 - anything else is for ray.init's own error to say
+        return False
     return False
 
 
