@@ -84,6 +84,14 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, coefficients=(3.4445, -4.7750
     return (x.mT if tall else x).reshape(g.shape)
 
 
+def _evaluate(closure: Callable[[], float] | None) -> float | None:
+    """An optimizer step's closure, called with gradients on (the torch.optim convention), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class Muon(torch.optim.Optimizer):
     """Muon: SGD with Nesterov momentum whose update, for each matrix, is orthogonalised by
     `orthogonalize` before it is applied. The algorithm, defaults and state ("momentum_buffer") are
@@ -117,10 +125,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             updates = []
@@ -170,10 +175,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for name, inner in self._inner.items():
             inner.param_groups = [g for g in self.param_groups if g["algorithm"] == name]
             inner.state = self.state  # keyed by parameter: the two never touch each other's entries
