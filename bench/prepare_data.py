@@ -3,10 +3,12 @@
     .venv/bin/python bench/prepare_data.py                      # 100 MB corpus, char byte bpe
     .venv/bin/python bench/prepare_data.py --size-mb 1000 --tokenizers char byte
     .venv/bin/python bench/prepare_data.py --size-mb 1000 --tokenizers byte --pipeline --evict --corpus /tmp/c
+    .venv/bin/python bench/prepare_data.py --tokenizers bpe --script cyrillic   # non-ASCII text
 
 The corpus is copies of the interpreter's top-level stdlib modules (each copy's files start with a line
 naming the copy, so every document is distinct), written once to a temporary directory (or kept in
---corpus). Each tokenizer then prepares it from scratch in a fresh process, timed around `prepare_dataset`
+--corpus). `--script cyrillic` writes the same files with the lowercase Latin letters swapped for Cyrillic
+ones (two UTF-8 bytes each, mostly letters, words as long): the cost of non-ASCII text. Each tokenizer then prepares it from scratch in a fresh process, timed around `prepare_dataset`
 alone (interpreter start and imports excluded); with --pipeline, around all a cold `flows run` does with
 the data: the CLI's check, the flow's resolution and hash of the source, the prepare task's cache key,
 then the prep. --evict drops the corpus from the page cache before each run (fsync and
@@ -71,9 +73,14 @@ print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": cpu() - c, 
 """
 
 
-def build_corpus(root: Path, size_mb: float) -> int:
+CYRILLIC = str.maketrans("abcdefghijklmnopqrstuvwxyz", "абвгдежзийклмнопрстуфхцчшщ")
+
+
+def build_corpus(root: Path, size_mb: float, script: str = "latin") -> int:
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     blobs = [(f.name, f.read_bytes()) for f in files]
+    if script == "cyrillic":
+        blobs = [(name, data.decode("utf-8").translate(CYRILLIC).encode("utf-8")) for name, data in blobs]
     total, copy = 0, 0
     while total < size_mb * 1e6:
         d = root / f"copy{copy:04d}"
@@ -139,13 +146,15 @@ def main() -> None:
                         help="time the CLI's check, the flow's source pinning and the cache key with the prep")
     parser.add_argument("--evict", action="store_true", help="drop the corpus from the page cache before each run")
     parser.add_argument("--repeat", type=int, default=1, help="runs per tokenizer (default: 1)")
+    parser.add_argument("--script", choices=["latin", "cyrillic"], default="latin",
+                        help="cyrillic: the corpus's lowercase letters in Cyrillic (non-ASCII text)")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench-prepare-", dir=args.dir))
     corpus = args.corpus or root / "corpus"
     try:
         if not corpus.is_dir() or not any(corpus.iterdir()):
-            build_corpus(corpus, args.size_mb)
+            build_corpus(corpus, args.size_mb, args.script)
         files = sorted(corpus.rglob("*.py"))
         mb = sum(f.stat().st_size for f in files) / 1e6
         timed = "the pipeline's data steps" if args.pipeline else "prepare_dataset"

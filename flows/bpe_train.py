@@ -2,9 +2,8 @@
 so the same tokenizer.json), several times faster on two cores (BPETokenizer.train's fast path).
 
 `tokenizers` spends most of its training time counting words: about 1.5 microseconds of Rust per word
-occurrence, in its pre-tokenizer. Here the words are counted with numpy (wordsplit.py: ASCII text split
-and keyed for a whole batch at once, the pieces around other characters with the GPT-2 pattern), and
-the merges are then computed from the counts as BpeTrainer computes them:
+occurrence, in its pre-tokenizer. Here the words are counted with numpy (wordsplit.py: the text split
+and keyed a whole batch at once), and the merges are then computed from the counts as BpeTrainer computes them:
 
 - ids: the special tokens, then the alphabet (every byte's character, in code-point order), then one
   id per merge;
@@ -13,10 +12,6 @@ the merges are then computed from the counts as BpeTrainer computes them:
   the counts of the neighbouring pairs are updated; an entry whose count went stale goes back into the
   queue with the current count; words where a pair appears anew are queued with it as a new entry;
 - until the vocabulary is full or no pair is left.
-
-Where the `regex` package and `tokenizers` classify a character differently (characters newer than
-one of their Unicode tables), a word around it may be counted differently, and so the merges may
-differ; the tokenizer is valid either way.
 """
 
 from __future__ import annotations
@@ -50,45 +45,32 @@ def byte_level(word: str) -> str:
     return word.encode("utf-8").decode("latin-1").translate(_TRANSLATE)
 
 
-def count_words(batches: Iterable[list[str]], split_unicode) -> Counter:
+def count_words(batches: Iterable[list[str]]) -> Counter:
     """Occurrences of each GPT-2 word of the texts (words as they are, not byte-level)."""
     import pandas as pd
     import pyarrow as pa
 
-    from flows.wordsplit import MAX_KEYED, ascii_word_starts, segments, utf8_buffers, word_keys
+    from flows.wordsplit import MAX_KEYED, utf8_buffers, word_keys, word_starts
 
     counts: Counter = Counter()
     for texts in batches:
         data, offsets = utf8_buffers(pa.array(texts, pa.large_string()))
-        bounds, unicode = segments(data, offsets)
-        text = data.tobytes()
-        for a, b in zip(bounds[:-1][unicode].tolist(), bounds[1:][unicode].tolist()):
-            counts.update(split_unicode(text[a:b].decode("utf-8")))
-        plain = np.flatnonzero(~unicode)
-        if not len(plain):
-            continue
-        # The ASCII pieces, back to back, each a row of its own (a piece begins with a word).
-        sizes = bounds[plain + 1] - bounds[plain]
-        ends = np.concatenate([[0], np.cumsum(sizes)])
-        if len(plain) == len(unicode):
-            pieces = data
-        else:
-            pieces = data[np.repeat(bounds[plain] - ends[:-1], sizes) + np.arange(int(ends[-1]))]
-        starts = ascii_word_starts(pieces, ends)
-        lengths = np.diff(np.append(starts, len(pieces)))
-        key, low, high = word_keys(pieces, starts, lengths)
+        starts = word_starts(data, offsets)
+        lengths = np.diff(np.append(starts, len(data)))
+        key, low, high = word_keys(data, starts, lengths)
         keyed = np.flatnonzero(lengths <= MAX_KEYED)
         codes, uniques = pd.factorize(key[keyed])
         first = np.empty(len(uniques), np.int64)
         first[codes] = keyed
-        same = (low[first][codes] == low[keyed]) & (high[first][codes] == high[keyed])
+        rep = first[codes]
+        same = (low[rep] == low[keyed]) & (high[rep] == high[keyed]) & (lengths[rep] == lengths[keyed])
         per_key = np.bincount(codes[same], minlength=len(uniques))
-        joined = pieces.tobytes()
+        text = data.tobytes()
         for s, n, c in zip(starts[first].tolist(), lengths[first].tolist(), per_key.tolist()):
             if c:
-                counts[joined[s: s + n].decode("ascii")] += c
+                counts[text[s: s + n].decode("utf-8")] += c
         rest = np.concatenate([np.flatnonzero(lengths > MAX_KEYED), keyed[~same]])
-        counts.update(joined[s: s + n].decode("ascii") for s, n in zip(starts[rest].tolist(), lengths[rest].tolist()))
+        counts.update(text[s: s + n].decode("utf-8") for s, n in zip(starts[rest].tolist(), lengths[rest].tolist()))
     return counts
 
 
@@ -160,12 +142,11 @@ def train_merges(word_counts: dict[str, int], vocab_size: int, special_tokens: l
     return tokens, sorted(rank, key=rank.__getitem__)
 
 
-def train_bpe(batches: Iterator[list[str]], vocab_size: int, special_token: str, split_pattern: str):
+def train_bpe(batches: Iterator[list[str]], vocab_size: int, special_token: str):
     """A `tokenizers` Tokenizer: byte-level BPE with GPT-2 pre-tokenization, trained on the texts."""
-    import regex
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    counts = count_words(batches, regex.compile(split_pattern).findall)
+    counts = count_words(batches)
     tokens, merges = train_merges({byte_level(w): c for w, c in counts.items()}, vocab_size, [special_token])
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [(tokens[a], tokens[b]) for a, b in merges]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from flows.errors import UserError
-from flows.wordsplit import GPT2_SPLIT, utf8_buffers
+from flows.wordsplit import utf8_buffers
 
 EOT = "<|endoftext|>"
 KINDS = ("char", "byte", "bpe")
@@ -178,15 +178,15 @@ class BPETokenizer:
     @classmethod
     def train(cls, batches: Iterator[list[str]], vocab_size: int, *, show_progress: bool = False) -> "BPETokenizer":
         """Train on batches of texts to at most vocab_size ids (fewer when the corpus runs out of merges).
-        flows.bpe_train gives `tokenizers`' BpeTrainer's result faster; without the `regex` or `pandas`
-        package, BpeTrainer runs (show_progress: its progress bars)."""
+        flows.bpe_train gives `tokenizers`' BpeTrainer's result faster; without the `pandas` package,
+        BpeTrainer runs (show_progress: its progress bars)."""
         from importlib.util import find_spec
 
-        if not (find_spec("regex") and find_spec("pandas")):
+        if not find_spec("pandas"):
             return cls(train_with_tokenizers(batches, vocab_size, show_progress=show_progress))
         from flows.bpe_train import train_bpe
 
-        return cls(train_bpe(batches, vocab_size, EOT, GPT2_SPLIT))
+        return cls(train_bpe(batches, vocab_size, EOT))
 
     @classmethod
     def from_str(cls, text: str) -> "BPETokenizer":
@@ -212,11 +212,9 @@ class BPETokenizer:
 
     def encode_arrow(self, column) -> tuple[np.ndarray, np.ndarray]:
         """encode on every row, several times faster (flows/bpe_encode.py): rows are split into words as the
-        byte-level pre-tokenizer splits them (ASCII text with numpy, the rest with the GPT-2 pattern) and each
-        distinct word is encoded once by the BPE model, then copied. The ids equal encode's, except around
-        characters so new to Unicode that the `regex` package and `tokenizers` classify them differently;
-        decoding is exact either way. Without the `regex` or `pandas` package, every row goes through
-        `tokenizers`."""
+        byte-level pre-tokenizer splits them (with numpy, flows/wordsplit.py) and each
+        distinct word is encoded once by the BPE model, then copied. The ids equal encode's. Without the
+        `pandas` package, every row goes through `tokenizers`."""
         dtype = token_dtype(self.vocab_size)
         if self._words is None:
             try:

@@ -1,33 +1,32 @@
-"""GPT-2's pre-tokenization of ASCII text with numpy: word boundaries and word keys for a whole batch at
-once, with no Python object per word (BPETokenizer.encode_arrow's fast path).
+"""GPT-2's pre-tokenization with numpy: word boundaries and word keys for a whole batch of UTF-8 text at
+once, with no Python object per word (the fast paths of bpe prep: bpe_encode.py, bpe_train.py).
 
-`ascii_word_starts` gives the same words as `tokenizers`' byte-level pre-tokenizer (the GPT-2 pattern,
-flows.tokenizer.GPT2_SPLIT) on ASCII text. The pattern's alternatives, at each position, in order:
+`word_starts` gives the same words as `tokenizers`' byte-level pre-tokenizer, which splits text with
+GPT-2's pattern `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`. Its
+alternatives, at each position, in order:
 
-- ` ?[A-Za-z]+`, ` ?[0-9]+`, ` ?[^\\s A-Za-z0-9]+`: a run of letters, of digits or of other characters
-  ("punctuation", apostrophes included), taking one space before it along;
+- ` ?\\p{L}+`, ` ?\\p{N}+`, ` ?[^\\s\\p{L}\\p{N}]+`: a run of letters, of digits or of other characters
+  ("punctuation", apostrophes and combining marks included), taking one space before it along;
 - `'s|'t|'re|'ve|'m|'ll|'d`: a contraction, where a word would start at an apostrophe (a punctuation run
   swallows apostrophes inside it), even inside a longer word ("'set" is "'s", "et");
 - `\\s+(?!\\S)|\\s+`: a run of whitespace; before a word its last character is left to that word (a space
   as its prefix, any other whitespace as a word of its own).
 
-"Whitespace" is \\t \\n \\x0b \\x0c \\r and space (what `tokenizers`' \\s matches in ASCII; \\x1c-\\x1f
-are punctuation there, unlike in Python's re).
+So each character's class (letter, digit, whitespace, other) decides the words. ASCII classes are a
+table: "whitespace" is \\t \\n \\x0b \\x0c \\r and space, as `tokenizers`' \\s in ASCII (\\x1c-\\x1f are
+punctuation there, unlike in Python's re). Other characters are classed by `tokenizers`' own
+regular expressions (\\p{L}, \\p{N}, \\s), once per distinct code point, so that its Unicode tables
+decide, as they do in its pre-tokenizer.
 
-`word_keys` packs each word of up to 8 characters exactly into one uint64 (7 bits a character, the
-length in the top byte); longer words of up to 16 characters get a hash of both halves, with bit 63 set,
-and their halves to check it against; longer words have no key.
+`word_keys` packs each ASCII word of up to 8 bytes exactly into one uint64 (7 bits a character, the
+length in the top bits); other words of up to 16 bytes get a hash, with bit 63 set, and their bytes to
+check it against; longer words have no key.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# The split of `tokenizers`' byte-level pre-tokenizer (GPT-2's); the second is the same on ASCII text.
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_WS = r"\t\n\x0b\x0c\r "  # what \s matches in ASCII there (not \x1c-\x1f, unlike Python's re)
-GPT2_SPLIT_ASCII = (  # letters first: no other branch starts with one, so the result is the same, sooner
-    rf""" ?[A-Za-z]+| ?[0-9]+|'(?:s|t|re|ve|m|ll|d)| ?[^{_WS}A-Za-z0-9]+|[{_WS}]+(?![^{_WS}])|[{_WS}]+""")
 
 def utf8_buffers(column) -> tuple[np.ndarray, np.ndarray]:
     """(UTF-8 bytes of all rows, row offsets into them) of an Arrow string column, without copying rows."""
@@ -46,34 +45,81 @@ def utf8_buffers(column) -> tuple[np.ndarray, np.ndarray]:
     return data[offsets[0]: offsets[-1]], offsets - offsets[0]
 
 
-LETTER, DIGIT, SPACE, OTHER_WS, PUNCT = 0, 1, 2, 3, 4
-_CLASS = np.full(256, PUNCT, np.uint8)
-_CLASS[ord("a"): ord("z") + 1] = LETTER
-_CLASS[ord("A"): ord("Z") + 1] = LETTER
-_CLASS[ord("0"): ord("9") + 1] = DIGIT
-_CLASS[list(b"\t\n\x0b\x0c\r")] = OTHER_WS
-_CLASS[ord(" ")] = SPACE
-_RUN = np.array([0, 1, 2, 2, 3], np.uint8)  # runs: letters, digits, whitespace, punctuation
-_RUN_OF_BYTE = _RUN[_CLASS]
+LETTER, DIGIT, WHITESPACE, OTHER = 0, 1, 2, 3  # a character's class: runs of one class make a word
+_RUN_OF_BYTE = np.full(256, OTHER, np.uint8)  # ASCII bytes' classes (the rest are set per character)
+_RUN_OF_BYTE[ord("a"): ord("z") + 1] = LETTER
+_RUN_OF_BYTE[ord("A"): ord("Z") + 1] = LETTER
+_RUN_OF_BYTE[ord("0"): ord("9") + 1] = DIGIT
+_RUN_OF_BYTE[list(b"\t\n\x0b\x0c\r ")] = WHITESPACE
 _RUN_TABLE = bytes(_RUN_OF_BYTE.tolist())  # for bytes.translate, several times faster than indexing
+_UNKNOWN = 255
+_CODE_POINT_RUN = None  # every code point's class, filled in as code points are met (_UNKNOWN: not yet)
 _APOSTROPHE = ord("'")
 _ONE_LETTER = np.zeros(256, bool)
 _ONE_LETTER[list(b"stmd")] = True  # 's 't 'm 'd
 MAX_KEYED = 16  # longest word word_keys gives a key
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 HASHED = np.uint64(1 << 63)  # the bit word_keys sets in hashed keys
-_MASK = np.array([(1 << (8 * min(k, 8))) - 1 for k in range(10)], np.uint64)  # the first k bytes of 8
-# A length of up to 17 in the top bits of bytes 0 to 4 (zero in ASCII text).
-_LENGTH_BITS = np.array([sum(((n >> b) & 1) << (8 * b + 7) for b in range(5)) for n in range(MAX_KEYED + 2)], np.uint64)
+_TOP_BITS = np.uint64(0x8080808080808080)  # zero in ASCII bytes
+_MASK = np.array([(1 << (8 * min(k, 8))) - 1 for k in range(MAX_KEYED + 2)], np.uint64)  # the first k bytes of 8
+# A length of up to 8 in the top bits of bytes 0 to 3 (zero in ASCII text).
+_LENGTH_BITS = np.array([sum(((n >> b) & 1) << (8 * b + 7) for b in range(4)) for n in range(9)], np.uint64)
 
 
-def ascii_word_starts(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Start positions of the words of ASCII rows, in order: `data` is their UTF-8 (all bytes < 0x80),
-    `offsets` the n+1 row boundaries into it. A row's first word starts at the row's start."""
+def _classes(code_points: np.ndarray) -> np.ndarray:
+    """The class of each (non-ASCII) code point, by `tokenizers`' own \\p{L}, \\p{N} and \\s."""
+    global _CODE_POINT_RUN
+    if _CODE_POINT_RUN is None:
+        _CODE_POINT_RUN = np.full(0x110000, _UNKNOWN, np.uint8)
+    classes = _CODE_POINT_RUN[code_points]
+    new = np.unique(code_points[classes == _UNKNOWN])
+    if len(new):
+        from tokenizers import Regex, pre_tokenizers
+
+        surrogate = (new >= 0xD800) & (new < 0xE000)  # not text (only invalid UTF-8 gets here)
+        _CODE_POINT_RUN[new[surrogate]] = OTHER
+        new = new[~surrogate]
+        text = "".join(map(chr, new.tolist()))
+        for pattern, kind in ((r"\p{L}", LETTER), (r"\p{N}", DIGIT), (r"\s", WHITESPACE)):
+            matched = np.ones(len(new), bool)  # what the pattern does not remove
+            for _, (a, b) in pre_tokenizers.Split(Regex(pattern), behavior="removed").pre_tokenize_str(text):
+                matched[a:b] = False
+            _CODE_POINT_RUN[new[matched]] = kind
+        rest = new[_CODE_POINT_RUN[new] == _UNKNOWN]
+        _CODE_POINT_RUN[rest] = OTHER
+        classes = _CODE_POINT_RUN[code_points]
+    return classes
+
+
+def byte_classes(data: np.ndarray) -> np.ndarray:
+    """The class of the character each byte of UTF-8 text belongs to."""
+    run = np.frombuffer(data.tobytes().translate(_RUN_TABLE), np.uint8)
+    lead = np.flatnonzero(data >= 0xC0)  # the first bytes of multi-byte characters
+    if not len(lead):
+        return run
+    run = run.copy()
+    n = len(data)
+    first = data[lead].astype(np.int32)
+    size = 2 + (first >= 0xE0) + (first >= 0xF0)
+    code = first & np.where(size == 2, 0x1F, np.where(size == 3, 0x0F, 0x07))
+    for k in range(1, 4):
+        more = data[np.minimum(lead + k, n - 1)].astype(np.int32) & 0x3F
+        code = np.where(size > k, (code << 6) | more, code)
+    classes = _classes(np.minimum(code, 0x10FFFF))  # (clipped: only valid UTF-8 has meaning here)
+    run[lead] = classes
+    for k in range(1, 4):  # continuation bytes take their character's class
+        longer = size > k
+        run[np.minimum(lead[longer] + k, n - 1)] = classes[longer]
+    return run
+
+
+def word_starts(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Start positions of the words of rows of text, in order: `data` is their UTF-8, `offsets` the n+1
+    row boundaries into it. A row's first word starts at the row's start."""
     n = len(data)
     if n == 0:
         return np.zeros(0, np.int64)
-    run = np.frombuffer(data.tobytes().translate(_RUN_TABLE), np.uint8)
+    run = byte_classes(data)
     start = np.empty(n, bool)
     start[0] = True
     np.not_equal(run[1:], run[:-1], out=start[1:])
@@ -82,13 +128,17 @@ def ascii_word_starts(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     row_start[rows] = True
     start[rows] = True
     change = np.flatnonzero(start)  # where a run or a row begins: the word starts, before the fixes below
-    # The first non-space after whitespace (in its row): the whitespace's last character stands on its
-    # own, or, when it is a space, begins the word that follows. (The character before a run's start is
-    # the previous run's.)
+    # The first non-whitespace after whitespace (in its row): the whitespace's last character stands on
+    # its own, or, when it is a space, begins the word that follows. (The character before a run's start
+    # is the previous run's.)
     kinds = run[change]
-    after = change[1:][(kinds[:-1] == 2) & (kinds[1:] != 2)]
+    after = change[1:][(kinds[:-1] == WHITESPACE) & (kinds[1:] != WHITESPACE)]
     after = after[~row_start[after]]
-    start[after - 1] = True
+    last = after - 1
+    for _ in range(3):  # back to the first byte of a multi-byte character
+        inside = (data[last] & 0xC0) == 0x80
+        last[inside] -= 1
+    start[last] = True
     start[after[data[after - 1] == ord(" ")]] = False
     # Contractions: an apostrophe where a word starts, then s t m d, or re ve ll, all in its row.
     apostrophes = change[data[change] == _APOSTROPHE]
@@ -108,64 +158,22 @@ def ascii_word_starts(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def word_keys(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(key, low, high) per word: low and high are its first and next 8 bytes (zero past its end; high
-    also holds the length, in top bits of bytes, which are free in ASCII, and is zero for words of up to
-    8 bytes); key is low with the length for words of up to 8 bytes (exact), a hash of (low, high) with
-    bit 63 set for 9 to 16, and meaningless beyond (callers look those words up another way)."""
+    """(key, low, high) per word: low and high are its first and next 8 bytes (zero past its end). key is
+    low with the length for ASCII words of up to 8 bytes (exact), a hash of (low, high, length) with bit 63
+    set for other words of up to 16 bytes (to be checked against low, high and length), and meaningless
+    beyond (callers look those words up another way)."""
     padded = np.zeros(len(data) + MAX_KEYED, np.uint8)
     padded[: len(data)] = data
     # Element i: the 8 bytes from data[i] on, as one little-endian number (an unaligned view, no copy).
     windows = np.ndarray((len(data) + MAX_KEYED - 7,), np.dtype("<u8"), buffer=padded, strides=(1,))
     size = np.minimum(lengths, MAX_KEYED + 1)
-    low = windows[starts]
-    low &= _MASK[np.minimum(size, 8)]
-    key = low | _LENGTH_BITS[size]
-    longer = np.flatnonzero(size > 8)
-    high = np.zeros(len(starts), np.uint64)
-    if len(longer):
-        tail = windows[starts[longer] + 8] & _MASK[size[longer] - 8] | _LENGTH_BITS[size[longer]]
-        high[longer] = tail
-        mixed = (low[longer] * _MIX) ^ ((tail ^ (tail >> np.uint64(29))) * _MIX)
-        key[longer] = (mixed ^ (mixed >> np.uint64(31))) | HASHED
+    low = windows[starts] & _MASK[size]
+    high = windows[starts + 8] & _MASK[np.maximum(size - 8, 0)]
+    exact = (size <= 8) & (low & _TOP_BITS == 0)
+    key = low | _LENGTH_BITS[np.minimum(size, 8)]
+    hashed = np.flatnonzero(~exact)
+    if len(hashed):
+        tail = high[hashed] ^ (size[hashed].astype(np.uint64) << np.uint64(56))
+        mixed = (low[hashed] * _MIX) ^ ((tail ^ (tail >> np.uint64(29))) * _MIX)
+        key[hashed] = (mixed ^ (mixed >> np.uint64(31))) | HASHED
     return key, low, high
-
-
-def segments(data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cut rows into pieces that split into words on their own exactly as inside their row: (boundaries,
-    non_ascii) with a flag per piece, True for the few pieces around non-ASCII characters (for the Unicode
-    pattern), False for ASCII ones (for ascii_word_starts). Empty rows have no piece.
-
-    A cut goes only between two ASCII characters that GPT-2's pattern always separates and that no
-    alternative looks past: a letter, a digit or punctuation next to a character of another of these
-    classes, not after an apostrophe (which may start a contraction) and not next to whitespace or \\x1c to
-    \\x1f (whitespace in some Unicode tables)."""
-    rows = np.unique(offsets)
-    high = np.flatnonzero(data >= 0x80)
-    if not len(high):
-        return rows, np.zeros(len(rows) - 1, bool)
-    # Cuts are looked for in the rows that hold non-ASCII bytes only (all rows when those are most).
-    holding = np.unique(np.searchsorted(rows, high, side="right") - 1)
-    sizes = rows[holding + 1] - rows[holding]
-    if sizes.sum() * 2 > len(data):
-        where, part = None, data
-    else:
-        where = np.repeat(rows[holding] - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes) + np.arange(int(sizes.sum()))
-        part = data[where]
-    run = _RUN_OF_BYTE[part]
-    plain = (part < 0x80) & (run != 2) & ((part < 0x1C) | (part > 0x1F))
-    ok = plain[:-1] & plain[1:] & (run[:-1] != run[1:]) & (part[:-1] != _APOSTROPHE)
-    if where is None:
-        safe = np.flatnonzero(ok) + 1
-    else:
-        safe = where[1:][ok & (where[1:] == where[:-1] + 1)]
-    row = np.searchsorted(offsets, high, side="right")
-    row_start, row_end = offsets[row - 1], offsets[row]
-    before = np.searchsorted(safe, high, side="right")
-    start = np.maximum(np.concatenate([[0], safe])[before], row_start)
-    end = np.minimum(np.concatenate([safe, [len(data)]])[before], row_end)
-    # Overlapping pieces (sorted by start and by end) become one.
-    new = np.concatenate([[True], start[1:] >= end[:-1]])
-    start = start[new]
-    end = np.maximum.accumulate(end)[np.concatenate([np.flatnonzero(new)[1:] - 1, [len(end) - 1]])]
-    bounds = np.unique(np.concatenate([rows, start, end]))
-    return bounds, np.isin(bounds[:-1], start)

@@ -168,17 +168,17 @@ def test_bpe_batch_encoding_decodes_exactly(bpe, rows):
     assert [bpe.decode(ids[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])] == rows
 
 
-def test_bpe_batch_encoding_without_the_regex_package(bpe, monkeypatch):
+def test_bpe_batch_encoding_without_pandas(bpe, monkeypatch):
     import builtins
 
     real_import = builtins.__import__
 
-    def no_regex(name, *args, **kwargs):
-        if name == "regex":
+    def no_pandas(name, *args, **kwargs):
+        if name == "pandas":
             raise ImportError(name)
         return real_import(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_regex)
+    monkeypatch.setattr(builtins, "__import__", no_pandas)
     plain = pickle.loads(pickle.dumps(bpe))  # a fresh copy, without a word cache yet
     ids, _ = plain.encode_arrow(pa.array(MULTILINGUAL))
     assert plain._words is False
