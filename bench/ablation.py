@@ -16,6 +16,13 @@ settings), or several such names and key=value settings joined by '+' (`muon+rop
 1e-3, beta2 0.99, warmup 100, cosine to min_lr 1e-4, dropout 0) with its schedule ending at --steps;
 `nanogpt` is the same with nanoGPT's 2000-step schedule. --set key=value changes any setting of
 every variant run (e.g. --set seed=2).
+
+`make run`'s own setup: `--data python-stdlib` prepares the pipeline's default corpus with the pipeline's
+own prep (prepare_dataset, char tokenizer, its content-hash document split) in a temporary workdir, and
+`--base default` starts every variant from the pipeline's default model and trainer settings
+(flows/config.py) instead of nanoGPT's:
+
+    python bench/ablation.py --data python-stdlib --base default --steps 300 --variants base,muon,rope
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -78,6 +87,8 @@ VARIANTS: dict[str, dict] = {
     "softcap": dict(model=dict(logit_softcap=15.0)),
     "rmsnorm": dict(model=dict(norm="rmsnorm")),
     "wsd": dict(schedule="wsd", decay_fraction=0.4),
+    "adamw": dict(optimizer="adamw"),  # with cosine: the pipeline's defaults before Muon and wsd (--base default)
+    "cosine": dict(schedule="cosine"),
     "warmup20": dict(warmup_steps=20),
     "batch24": dict(batch_size=24),
     "lr3e-3": dict(lr=3e-3, min_lr=3e-4),
@@ -88,10 +99,26 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def variant(name: str, overrides: list[str] = ()) -> Settings:
+def pipeline_settings() -> Settings:
+    """`attention-pipeline run`'s defaults (flows/config.py): its model section and trainer settings."""
+    from flows.config import PipelineConfig
+
+    cfg = PipelineConfig()
+    tc = cfg.train
+    model = {k: v for k, v in cfg.model.to_dict().items() if k != "vocab_size"}
+    # every trainer setting of the same name but precision: the pipeline's auto is fp32 on the CPU
+    trainer = {f.name: getattr(tc, f.name) for f in fields(Settings) if f.name in type(tc).model_fields
+               and f.name != "precision"}
+    return Settings(model=model, **trainer)
+
+
+BASES = {"nanogpt": Settings, "default": pipeline_settings}
+
+
+def variant(name: str, overrides: list[str] = (), base: str = "nanogpt") -> Settings:
     """The settings of a variant name: VARIANTS' names and key=value settings joined by '+', applied in
-    order on top of the defaults (`muon+rope`, `muon+muon_lr=0.04+model.qk_norm=true`), then overrides."""
-    settings = Settings()
+    order on top of the base's settings (`muon+rope`, `muon+muon_lr=0.04+model.qk_norm=true`), then overrides."""
+    settings = BASES[base]()
     for part in [*name.split("+"), *overrides]:
         if "=" in part:
             key, _, raw = part.partition("=")
@@ -122,6 +149,17 @@ def load_corpus(path: Path) -> tuple[torch.Tensor, torch.Tensor, int]:
     return ids[:n], ids[n:], len(chars)
 
 
+def load_prepared(source: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The pipeline's own prep of data.source with its defaults (char tokenizer, its split), in a temporary workdir."""
+    from flows.config import PipelineConfig
+    from flows.data.prepare import prepare_dataset
+
+    with tempfile.TemporaryDirectory(prefix="ablation-") as workdir:
+        data = prepare_dataset(PipelineConfig(workdir=workdir, data=dict(source=source)))
+        train, val = (torch.from_numpy(data.tokens(split).astype(np.int64)) for split in ("train", "val"))
+    return train, val, data.vocab_size
+
+
 @torch.no_grad()
 def val_loss(model: Transformer, val: torch.Tensor, block_size: int, batch: int = 128) -> float:
     """Mean next-token loss over consecutive windows of the whole split (the pipeline's eval_val_loss)."""
@@ -144,7 +182,7 @@ def nanogpt_param_count(model: Transformer) -> int:
 
 
 def run(name: str, s: Settings, train: torch.Tensor, val: torch.Tensor, vocab: int, steps: int,
-        eval_every: int) -> dict:
+        eval_every: int, target: float = TARGET) -> dict:
     max_steps = s.steps or steps
     run_steps = min(steps, max_steps)
     torch.manual_seed(s.seed)
@@ -172,7 +210,7 @@ def run(name: str, s: Settings, train: torch.Tensor, val: torch.Tensor, vocab: i
             curve[done] = val_loss(model, val, T)
             print(f"  {name} step {done}: train {result.loss:.4f} val {curve[done]:.4f}", file=sys.stderr, flush=True)
     ms = statistics.median(times[1:] or times) * 1000  # the first step carries compilation
-    reached = steps_to(curve, TARGET)
+    reached = steps_to(curve, target)
     return dict(name=name, settings=s.__dict__, params=nanogpt_param_count(model), curve=curve,
                 ms_per_step=ms, first_step_s=times[0], tokens_per_step=s.batch_size * T, steps_to_target=reached,
                 seconds_to_target=None if reached is None else reached * ms / 1000)
@@ -192,7 +230,11 @@ def steps_to(curve: dict[int, float], target: float) -> float | None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt")
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt",
+                   help="a text file (nanoGPT's split), or python-stdlib (the pipeline's default corpus and prep)")
+    p.add_argument("--base", choices=BASES, default="nanogpt", help="the settings variants start from: nanoGPT's "
+                   "CPU run, or the pipeline's defaults (flows/config.py)")
+    p.add_argument("--target", type=float, default=TARGET, help="the val loss whose first step is reported")
     p.add_argument("--variants", default="base", help=f"comma-separated names: {', '.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=1000, help="steps per run (and the schedule's length, "
                    "unless a variant sets its own)")
@@ -203,14 +245,15 @@ def main(argv=None) -> None:
     p.add_argument("--json", type=Path, help="append each run's result as one JSON line")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    train, val, vocab = load_corpus(args.data)
+    train, val, vocab = load_prepared(str(args.data)) if str(args.data) == "python-stdlib" else load_corpus(args.data)
     print(f"torch {torch.__version__}, {args.threads} threads; {len(train):,} train and {len(val):,} val "
-          f"tokens, vocab {vocab}; target {TARGET}")
+          f"tokens, vocab {vocab}; target {args.target}; base {args.base}")
     cols = " | ".join(f"val@{r}" for r in args.report)
-    print(f"| variant | params | {cols} | final val | steps to {TARGET} | ms/step | s to {TARGET} |")
+    print(f"| variant | params | {cols} | final val | steps to {args.target} | ms/step | s to {args.target} |")
     print("|---|---:|" + "---:|" * (len(args.report) + 4))
     for name in args.variants.split(","):
-        result = run(name, variant(name, args.set), train, val, vocab, args.steps, args.eval_every)
+        result = run(name, variant(name, args.set, args.base), train, val, vocab, args.steps, args.eval_every,
+                     args.target)
         c = result["curve"]
         at = " | ".join(f"{c[r]:.4f}" if r in c else "-" for r in args.report)
         final = c[max(c)]
