@@ -70,13 +70,14 @@ class TrainSection(_Section):
     batch_size: int = Field(16, ge=1, description="Sequences per micro-batch per worker.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     optimizer: Literal["adamw", "muon"] = Field(
-        "adamw", description="adamw, or muon: Muon (train.muon_lr) for the blocks' matrices and AdamW "
-        "(train.lr) for embeddings, head, norms and biases. Muon needs train.strategy=ddp.")
+        "muon", description="muon: Muon (train.muon_lr) for the blocks' matrices and AdamW (train.lr) for "
+        "embeddings, head, norms and biases; or adamw for all. Muon needs train.strategy=ddp: under fsdp the "
+        "default is adamw.")
     lr: float = Field(2e-3, gt=0, description="Peak learning rate (AdamW's).")
     min_lr: float = Field(2e-4, ge=0, description="Learning rate at the end of the decay.")
     warmup_steps: int = Field(30, ge=0, description="Linear warmup steps.")
     schedule: Literal["cosine", "wsd"] = Field(
-        "cosine", description="After warmup: cosine decay to min_lr, or wsd (warmup-stable-decay): the peak "
+        "wsd", description="After warmup: cosine decay to min_lr, or wsd (warmup-stable-decay): the peak "
         "held, then linear to min_lr over the last train.decay_fraction of max_steps.")
     decay_fraction: float = Field(0.4, ge=0, le=1, description="wsd: the share of max_steps spent decaying.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only).")
@@ -128,6 +129,14 @@ class TrainSection(_Section):
     # Not rejected, on purpose: an interval longer than max_steps (the last step always logs, evaluates
     # and checkpoints) and warmup_steps >= max_steps (a short run that stays in warmup: `--set
     # train.max_steps=10` with the default warmup is a normal smoke test).
+    @model_validator(mode="before")
+    @classmethod
+    def _adamw_under_fsdp(cls, data: Any) -> Any:
+        """Muon, the default optimizer, orthogonalises whole matrices, which FSDP2 shards: AdamW there."""
+        if isinstance(data, Mapping) and data.get("strategy") == "fsdp" and "optimizer" not in data:
+            return {**data, "optimizer": "adamw"}
+        return data
+
     @model_validator(mode="after")
     def _check_lr(self) -> "TrainSection":
         if self.min_lr > self.lr:

@@ -66,6 +66,9 @@ def test_round_trips_through_a_plain_dict():
 def test_muon_is_refused_under_fsdp_in_one_line():
     with pytest.raises(UserError, match=r"^invalid config: train.optimizer: muon .* use train.strategy=ddp"):
         load_config(overrides=["train.optimizer=muon", "train.strategy=fsdp"])
+    # Muon and wsd are the defaults; under fsdp, unless muon is asked for, the optimizer is AdamW
+    assert (load_config().train.optimizer, load_config().train.schedule) == ("muon", "wsd")
+    assert load_config(overrides=["train.strategy=fsdp"]).train.optimizer == "adamw"
     cfg = load_config(overrides=["train.optimizer=muon", "train.schedule=wsd", "model.logit_softcap=15",
                                  "model.mlp=relu2", "model.zero_init_proj=true"])
     assert (cfg.train.optimizer, cfg.train.schedule, cfg.model.logit_softcap) == ("muon", "wsd", 15.0)

@@ -63,7 +63,7 @@ def test_activation_estimate_is_what_autograd_saves(shape, dtype):
 
 
 def test_estimate_scales_with_batch_precision_and_strategy():
-    base = load_config(overrides=["model.n_layer=8", "model.n_embd=512", "train.num_workers=4"])
+    base = load_config(overrides=["model.n_layer=8", "model.n_embd=512", "train.num_workers=4", "train.optimizer=adamw"])
     est = estimate_memory(base)
     assert est.weights == est.optimizer == 16 * est.params // 2  # fp32 weights+grads, AdamW's two moments
     doubled = estimate_memory(base.model_copy(update={"train": base.train.model_copy(update={"batch_size": 32})}))

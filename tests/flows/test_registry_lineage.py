@@ -53,11 +53,11 @@ def test_flow_run_name_says_dataset_tokenizer_model_size_and_the_main_changed_se
 def test_the_changed_settings_in_a_run_name_are_capped():
     from flows.pipeline import MAX_SETTINGS_CHARS, NAMED_SETTINGS, changed_for_name
 
-    cfg = load_config(overrides=["train.lr=1e-4", "train.min_lr=1e-5", "train.optimizer=muon", "train.max_steps=12345",
+    cfg = load_config(overrides=["train.lr=1e-4", "train.min_lr=1e-5", "train.optimizer=adamw", "train.max_steps=12345",
                                  "train.batch_size=48", "model.block_size=1024", "model.n_head=8", "model.pos=rope",
                                  "model.norm=rmsnorm", "model.mlp=swiglu", "train.seed=7"])
     shown, _, more = changed_for_name(cfg).partition("+")
-    assert len(shown) <= MAX_SETTINGS_CHARS and shown.startswith("lr=1e-4,opt=muon")
+    assert len(shown) <= MAX_SETTINGS_CHARS and shown.startswith("lr=1e-4,opt=adamw")
     assert len(shown.split(",")) + int(more) == 10 == sum(key in NAMED_SETTINGS for key in (
         "train.lr", "train.optimizer", "train.max_steps", "train.batch_size", "model.block_size", "model.n_head",
         "model.pos", "model.norm", "model.mlp", "train.seed"))

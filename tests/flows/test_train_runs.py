@@ -74,10 +74,18 @@ def test_other_data_is_refused_once_known(tmp_path):
     "eval.max_new_tokens=5", "eval.prompts=[x]", "registry.model_name=other", "data.num_proc=1",
 ])
 def test_a_change_that_does_not_change_training_resumes(tmp_path, change):
-    claim_run_settings(cfg_with(tmp_path), cfg_with(tmp_path).storage_path(), "r1", "fp1")
-    changed = cfg_with(tmp_path, change)
+    same = ["train.optimizer=adamw"] if change == "train.strategy=fsdp" else []  # FSDP2 trains with AdamW only
+    claim_run_settings(cfg_with(tmp_path, *same), cfg_with(tmp_path, *same).storage_path(), "r1", "fp1")
+    changed = cfg_with(tmp_path, *same, change)
     check_before_run(changed)
     claim_run_settings(changed, changed.storage_path(), "r1", "fp1")
+
+
+def test_fsdp_under_the_default_optimizer_is_another_optimizer(tmp_path):
+    """Muon, the default, under ddp; AdamW under fsdp: resuming a ddp run with fsdp changes the optimizer."""
+    claim_run_settings(cfg_with(tmp_path), cfg_with(tmp_path).storage_path(), "r1", "fp1")
+    with pytest.raises(UserError, match=r"train\.optimizer \"muon\" -> \"adamw\""):
+        check_before_run(cfg_with(tmp_path, "train.strategy=fsdp"))
 
 
 def test_the_same_global_batch_over_other_workers_resumes(tmp_path):
