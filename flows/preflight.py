@@ -71,7 +71,7 @@ def activation_bytes(model: ModelConfig, vocab_size: int, batch_size: int, act_b
 class MemoryEstimate:
     params: int               # parameter count
     weights: int              # bytes, per worker: fp32 parameters and their gradients
-    optimizer: int            # AdamW's exp_avg and exp_avg_sq, fp32
+    optimizer: int            # fp32: AdamW's two moments; Muon's one momentum for the blocks' weights
     activations: int
     precision: str            # "fp32" or "bf16"
 
@@ -91,10 +91,11 @@ def estimate_memory(cfg: PipelineConfig, vocab_size: int | None = None) -> Memor
     vocab = vocab_size or vocab_size_guess(cfg)
     n = count_params(model, vocab)
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and tc.use_gpu)
-    weights, optimizer = 8 * n, 8 * n  # fp32 master weights + grads (autocast keeps both fp32); 2 moments
+    root = count_params(_without_blocks(model), vocab)  # embeddings, head, final norm: AdamW's always
+    weights = 8 * n  # fp32 master weights + grads (autocast keeps both fp32)
+    optimizer = 8 * n if tc.optimizer == "adamw" else 8 * root + 4 * (n - root)
     if tc.strategy == "fsdp":
         # sharded over the workers; one block (or the root's embeddings) is gathered, with its grads, at a time
-        root = count_params(_without_blocks(model), vocab)
         block = (n - root) // model.n_layer
         weights = math.ceil(weights / tc.num_workers) + 8 * max(block, root)
         optimizer = math.ceil(optimizer / tc.num_workers)
@@ -195,7 +196,7 @@ def check_memory(cfg: PipelineConfig, budget: WorkerBudget | None = None) -> Mem
             lower += " (or shard them: train.strategy=fsdp over more train.num_workers)"
     raise UserError(
         f"model: training needs about {_size(est.total)} per worker ({est.params:.3g} parameters: weights and "
-        f"gradients {_size(est.weights)}, AdamW state {_size(est.optimizer)}; activations {_size(est.activations)} "
+        f"gradients {_size(est.weights)}, {tc.optimizer} state {_size(est.optimizer)}; activations {_size(est.activations)} "
         f"at train.batch_size={tc.batch_size} x model.block_size={m.block_size}, n_layer={m.n_layer}, "
         f"n_embd={m.n_embd}, {est.precision}, {tc.strategy}) but each worker has about {_size(budget.bytes)} "
         f"({budget.where}): lower {lower}")

@@ -66,6 +66,8 @@ def test_estimate_scales_with_batch_precision_and_strategy():
     base = load_config(overrides=["model.n_layer=8", "model.n_embd=512", "train.num_workers=4", "train.optimizer=adamw"])
     est = estimate_memory(base)
     assert est.weights == est.optimizer == 16 * est.params // 2  # fp32 weights+grads, AdamW's two moments
+    muon = estimate_memory(base.model_copy(update={"train": base.train.model_copy(update={"optimizer": "muon"})}))
+    assert est.optimizer / 2 < muon.optimizer < est.optimizer  # one momentum for the blocks' weights, not two
     doubled = estimate_memory(base.model_copy(update={"train": base.train.model_copy(update={"batch_size": 32})}))
     assert doubled.activations == 2 * est.activations
     bf16 = estimate_memory(base.model_copy(update={"train": base.train.model_copy(update={"precision": "bf16"})}))
