@@ -26,6 +26,7 @@ from flows.config import PipelineConfig
 from flows.train.job import TrainResult
 
 UNSENT_METRICS = "unsent_metrics"  # extra's key: rank 0's MLflow points (key, value, timestamp, step) not yet sent
+UNSENT_METRICS_RUNS = "unsent_metrics_runs"  # extra's key: the MLflow run each of them is meant for
 
 
 def _rank() -> int:
@@ -85,14 +86,16 @@ def restore_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def report_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                      cfg: PipelineConfig, metrics: dict[str, float], unsent_metrics: list | None = None) -> None:
+                      cfg: PipelineConfig, metrics: dict[str, float],
+                      unsent_metrics: tuple[list, list[str]] | None = None) -> None:
     """Save and report the checkpoint of `step` to Ray Train with the latest metrics. All ranks
     report (it is a barrier); rank 0 alone writes and hands over the files, with the MLflow metric
-    points it has not sent yet (an attempt that resumes from it sends them)."""
+    points it has not sent yet and the run each is meant for (an attempt that resumes from it sends them)."""
     import ray.train
 
+    points, runs = unsent_metrics or ([], [])
     extra = {"pipeline": cfg.model_dump(mode="json"), "strategy": cfg.train.strategy,
-             UNSENT_METRICS: [list(p) for p in unsent_metrics or []]}
+             UNSENT_METRICS: [list(p) for p in points], UNSENT_METRICS_RUNS: runs}
     report = {"step": step, **{k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}}
     # Ray Train copies the files to the storage path in a background thread and then deletes them, so
     # training goes on while they travel; it waits for the copies before the run ends, and a resume or

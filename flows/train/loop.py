@@ -26,7 +26,8 @@ from attention_core import (StepResult, Transformer, configure_optimizer, lr_at,
 from flows.config import PipelineConfig
 from flows.timing import StageClock
 from flows.train.batches import mix_seed, sample_batch
-from flows.train.checkpoint import UNSENT_METRICS, checkpoint_extra, report_checkpoint, restore_checkpoint
+from flows.train.checkpoint import (UNSENT_METRICS, UNSENT_METRICS_RUNS, checkpoint_extra, report_checkpoint,
+                                    restore_checkpoint)
 from flows.train.job import FaultInjection, TrainJob, global_batch_tokens, model_config_for
 from flows.train.metrics import DivergenceWatch, MetricsLogger, Throughput, all_reduce_mean, print_progress
 from flows.train.staging import localize_data
@@ -52,7 +53,7 @@ def train_loop_per_worker(config: dict) -> dict[str, str | float]:
     _use_assigned_cpus()
 
     model, optimizer = _build(cfg, data.vocab_size, device)
-    start_step, unsent_metrics = _resume(model, optimizer)
+    start_step, unsent_metrics, metrics_runs = _resume(model, optimizer)
     if tc.compile:
         model = torch.compile(model)
 
@@ -60,7 +61,8 @@ def train_loop_per_worker(config: dict) -> dict[str, str | float]:
     autocast = _autocast_dtype(tc.precision, device)
     meter = Throughput(global_batch_tokens(cfg) // tc.num_workers * world, unwrap_model(model).flops_per_token(),
                        peak_flops(device), world, start_step)
-    logger = MetricsLogger(job, world, device, carried=unsent_metrics, resumed_from=start_step) if rank == 0 else None
+    logger = (MetricsLogger(job, world, device, carried=unsent_metrics, carried_from=metrics_runs,
+                            resumed_from=start_step) if rank == 0 else None)
     last: dict[str, float] = {}
     watch = DivergenceWatch(tc.lr, tc.grad_clip, start_step)
     clock.lap("worker_setup")
@@ -180,16 +182,18 @@ def _parallelize(model: Transformer, strategy: str) -> torch.nn.Module:
     return fully_shard(model)
 
 
-def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
-    """Restore Ray Train's latest checkpoint of this run, if any; returns the step to start from and
-    the MLflow metric points the attempt that wrote it had not sent."""
+def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list, list]:
+    """Restore Ray Train's latest checkpoint of this run, if any; returns the step to start from, the
+    MLflow metric points the attempt that wrote it had not sent, and the MLflow run each was meant for."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
-        return 0, []
+        return 0, [], []
     with checkpoint.as_directory() as directory:
-        return restore_checkpoint(model, optimizer, directory), checkpoint_extra(directory).get(UNSENT_METRICS, [])
+        extra = checkpoint_extra(directory)
+        step = restore_checkpoint(model, optimizer, directory)
+    return step, extra.get(UNSENT_METRICS, []), extra.get(UNSENT_METRICS_RUNS, [])
 
 
 def _micro_batches(tokens: np.ndarray, cfg: PipelineConfig, step: int, rank: int, world: int,

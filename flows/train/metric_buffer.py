@@ -20,7 +20,11 @@ it, so a file store would then hold that batch twice.
 Across a worker restart: each checkpoint carries the points not yet sent (`unsent`), and the attempt
 that resumes from it sends them (`carried`), checking the store first; a point of a step after that
 checkpoint that the store already holds was logged by the attempt that died, and training resumes
-exactly, so the resumed attempt does not log that (key, step) again (`resumed_from`).
+exactly, so the resumed attempt does not log that (key, step) again (`resumed_from`). Across a driver
+loss the resuming attempt logs to a new MLflow run: each carried point names the run it was meant for
+(`carried_from`, `unsent_runs`), a dead driver's run whose thread may have sent it after the checkpoint
+was taken; the points that run holds are left out, so each point is in one of the runs, once, however
+many driver losses it travelled through.
 """
 
 from __future__ import annotations
@@ -61,8 +65,9 @@ class MetricBuffer:
     """Metric points for one MLflow run, sent in order by a background thread (see the module doc)."""
 
     def __init__(self, tracking_uri: str, run_id: str, *, params: dict[str, str] | None = None,
-                 system_metrics: bool = False, carried: list[Point] | None = None, resumed_from: int = 0,
-                 capacity: int = CAPACITY, retry_s: tuple[float, float] = RETRY_S):
+                 system_metrics: bool = False, carried: list[Point] | None = None,
+                 carried_from: list[str | None] | None = None, resumed_from: int = 0, capacity: int = CAPACITY,
+                 retry_s: tuple[float, float] = RETRY_S):
         self.tracking_uri, self.run_id, self.capacity = tracking_uri, run_id, capacity
         self.overflow = 0  # dropped from a full buffer
         self.rejected = 0  # refused by the store for good (PERMANENT)
@@ -74,10 +79,13 @@ class MetricBuffer:
         self._batch: list[Point] = []  # taken from the queue, not yet known to have landed
         self._uncertain = False  # a try at self._batch failed: some of it may have landed
         carried = list(carried or [])
+        # the run each carried point was meant for, when not this one (a driver's that died)
+        elsewhere = {p: run for p, run in zip(carried, carried_from or []) if run and run != run_id}
         kept = carried[len(carried) - capacity:] if len(carried) > capacity else carried
         self.overflow += len(carried) - len(kept)
         self._queue.extend(kept)
         self._maybe_landed = set(kept)  # from the checkpoint: an attempt that died may have sent them
+        self._elsewhere = {p: elsewhere[p] for p in kept if p in elsewhere}  # until checked against that run
         self._resumed_from = resumed_from
         self._earlier: dict[str, set[int]] = {}  # key -> its steps after resumed_from the store held first
         self._failing = False  # the last try failed (an outage is being reported)
@@ -125,6 +133,11 @@ class MetricBuffer:
         """The points not yet known to be in the store, oldest first (a checkpoint carries them)."""
         with self._cond:
             return [*self._batch, *self._queue]
+
+    def unsent_runs(self, points: list[Point]) -> list[str]:
+        """The run each of `points` (from unsent) is meant for: this one, or a dead driver's not yet checked."""
+        with self._cond:
+            return [self._elsewhere.get(p, self.run_id) for p in points]
 
     @property
     def dropped(self) -> int:
@@ -213,6 +226,25 @@ class MetricBuffer:
         fresh = [Param(k, v) for k, v in self._params.items() if k not in run.data.params]
         if fresh:  # MLflow params are immutable: a resumed attempt must not log them again
             self._client.log_batch(self.run_id, params=fresh)
+        for run in dict.fromkeys(self._elsewhere.values()):
+            self._leave_out_landed_in(run)
+
+    def _leave_out_landed_in(self, run: str) -> None:
+        """Leave out the carried points meant for `run` (not this one) that it holds (see the module doc)."""
+        points = {p for p, meant in self._elsewhere.items() if meant == run}
+        try:
+            landed = {(m.key, m.step, m.timestamp) for key in dict.fromkeys(p.key for p in points)
+                      for m in self._client.get_metric_history(run, key)}
+        except Exception as err:  # noqa: BLE001 - that run is gone for good: send them all here
+            if getattr(err, "error_code", None) not in PERMANENT:
+                raise  # the store is away: _setup is tried again
+            landed = set()
+        with self._cond:
+            there = {p for p in points if (p.key, p.step, p.timestamp) in landed}
+            self._queue = deque(p for p in self._queue if p not in there)
+            self._maybe_landed -= there
+            for p in points:
+                del self._elsewhere[p]
 
     def _connect(self):
         from mlflow.tracking import MlflowClient

@@ -107,9 +107,9 @@ class MetricsLogger:
     holds no training step up, and no logging failure ends training."""
 
     def __init__(self, job: TrainJob, world: int, device: torch.device, *, carried: list | None = None,
-                 resumed_from: int = 0):
+                 carried_from: list | None = None, resumed_from: int = 0):
         """carried: the [key, value, timestamp, step] points the checkpoint resumed from holds unsent;
-        resumed_from: its step (0: a fresh start)."""
+        carried_from: the MLflow run each was meant for; resumed_from: its step (0: a fresh start)."""
         self.buffer: MetricBuffer | None = None
         if not (job.tracking_uri and job.mlflow_run_id):
             return
@@ -120,15 +120,19 @@ class MetricsLogger:
                   "world_size": world, "device": str(device)}
         points = [Point(str(k), float(v), int(ts), int(step)) for k, v, ts, step in carried or []]
         self.buffer = MetricBuffer(job.tracking_uri, job.mlflow_run_id, system_metrics=True, carried=points,
-                                   resumed_from=resumed_from, params={k: str(v) for k, v in params.items()})
+                                   carried_from=carried_from, resumed_from=resumed_from,
+                                   params={k: str(v) for k, v in params.items()})
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.buffer is not None:
             self.buffer.add(metrics, step)
 
-    def unsent(self) -> list[Point]:
-        """The points not yet in the store, for the checkpoint to carry."""
-        return self.buffer.unsent() if self.buffer is not None else []
+    def unsent(self) -> tuple[list[Point], list[str]]:
+        """The points not yet in the store, and the MLflow run each is meant for, for the checkpoint to carry."""
+        if self.buffer is None:
+            return [], []
+        points = self.buffer.unsent()
+        return points, self.buffer.unsent_runs(points)
 
     def close(self) -> None:
         """Flush what is held (waiting a bounded time); says how many points were not logged, if any."""

@@ -159,6 +159,57 @@ def test_a_resumed_attempt_sends_what_its_checkpoint_carried_once_and_no_step_th
     assert [m.step for m in history] == [1, 2, 3, 4, 5]
 
 
+def test_after_a_driver_loss_the_carried_points_the_dead_run_holds_are_not_sent_again(store):
+    """The dead driver's run A checkpointed at 3 with steps 2 and 3 unsent, and its thread then sent 2
+    before it died: the attempt resuming in the new run B sends step 3 only; each step in one run, once.
+    Carried points meant for a run that no longer exists are all sent."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from flows.train.metric_buffer import Point
+
+    uri, _ = store
+    client = MlflowClient(uri)
+    run_a = new_run(uri)
+    p1, p2, p3 = (Point("train_loss", 1.0 / step, 1000 * step, step) for step in range(1, 4))
+    client.log_batch(run_a, metrics=[Metric(*p) for p in (p1, p2)])
+    run_b = new_run(uri)
+    buffer = MetricBuffer(uri, run_b, carried=[p2, p3], carried_from=[run_a, run_a], resumed_from=3,
+                          retry_s=FAST_RETRY)
+    buffer.add({"train_loss": 0.25}, 4)
+    assert buffer.close(timeout_s=60) == 0
+    assert steps(uri, run_a, "train_loss") == [1, 2] and steps(uri, run_b, "train_loss") == [3, 4]
+
+    # A checkpoint taken before the check carries each point with the run it is meant for: a retry of B
+    # (the same run) checks A's points against A, its own against B.
+    p4 = Point("train_loss", 0.25, 4000, 4)
+    run_d = new_run(uri)
+    client.log_batch(run_d, metrics=[Metric(*p4)])
+    buffer = MetricBuffer(uri, run_d, carried=[p2, p3, p4], carried_from=[run_a, run_a, run_d], resumed_from=4,
+                          retry_s=FAST_RETRY)
+    assert buffer.close(timeout_s=60) == 0
+    assert steps(uri, run_d, "train_loss") == [3, 4]
+
+    run_c = new_run(uri)  # points meant for a run that no longer exists: all sent
+    buffer = MetricBuffer(uri, run_c, carried=[p2, p3], carried_from=[uuid.uuid4().hex] * 2, resumed_from=3,
+                          retry_s=FAST_RETRY)
+    assert buffer.close(timeout_s=60) == 0
+    assert steps(uri, run_c, "train_loss") == [2, 3]
+
+
+def test_points_not_yet_checked_against_their_run_are_carried_with_it():
+    """A store that does not answer: the next checkpoint carries every point with the run it is meant for."""
+    from flows.train.metric_buffer import Point
+
+    p1, p2 = Point("train_loss", 1.0, 1000, 1), Point("train_loss", 0.5, 2000, 2)
+    buffer = MetricBuffer("http://127.0.0.1:9", "run-b", carried=[p1], carried_from=["run-a"], resumed_from=1,
+                          retry_s=(5.0, 5.0))
+    buffer.add({"train_loss": p2.value}, 2)
+    points = buffer.unsent()
+    assert [p.step for p in points] == [1, 2] and buffer.unsent_runs(points) == ["run-a", "run-b"]
+    assert buffer.close(timeout_s=0.1) == 2
+
+
 def test_the_end_of_training_waits_a_bounded_time_for_a_store_that_stays_locked(store, capsys):
     uri, db = store
     run_id = new_run(uri)

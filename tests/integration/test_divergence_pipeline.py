@@ -1,7 +1,7 @@
 """Divergence on real components: a pipeline whose loss really goes NaN, and the gate against a NaN champion.
 
 The pipeline runs on a local Ray (two DDP workers), the Prefect test harness and MLflow on SQLite with
-a learning rate of 1e6 and no clipping, which turns the loss and gradient norm of a tiny model NaN
+AdamW at a learning rate of 1e6 and no clipping, which turns the loss and gradient norm of a tiny model NaN
 within three steps on CPU. The gate tests use a real SQLite store and a model whose weights are all NaN, the kind
 of champion the gate used to promote when there was none before it.
 """
@@ -24,7 +24,7 @@ DIVERGES = [
     "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
     "train.max_steps=6", "train.batch_size=4", "train.eval_interval=3", "train.eval_batches=1",
     "train.log_interval=1", "train.checkpoint_interval=3", "train.warmup_steps=0",
-    "train.lr=1e6", "train.grad_clip=0", "train.num_workers=2",
+    "train.optimizer=adamw", "train.lr=1e6", "train.grad_clip=0", "train.num_workers=2",  # (Muon's steps are bounded)
     "eval.max_tokens=2048", "eval.max_new_tokens=8",
 ]
 ONE_LINE = re.compile(r"training diverged at step (\d+): loss \S+, grad norm \S+ "
