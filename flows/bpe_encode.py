@@ -1,7 +1,6 @@
 """BPETokenizer.encode_arrow: byte-level BPE on a whole Arrow column through a cache of word encodings.
 
-Rows are split into GPT-2's words and keyed with numpy, a batch at once (wordsplit.word_starts,
-word_keys), so that Python works once per new distinct word, not once per word; words too long for a key
+Rows are split into GPT-2's words and keyed with numpy, a batch at once (wordsplit.distinct_words), so that Python works once per new distinct word, not once per word; words too long for a key
 (or whose hash clashes) are looked up by text. Each distinct word is encoded once by the BPE model
 (`tokenizers`, on that word alone) and its ids copied wherever it occurs.
 """
@@ -12,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from flows.wordsplit import HASHED, MAX_KEYED, utf8_buffers, word_keys, word_starts
+from flows.wordsplit import HASHED, distinct_words, utf8_buffers
 
 WORD_CACHE = 1_000_000  # distinct words remembered before starting over (bounds the memory)
 GROUP_BYTES = 1 << 19  # rows are encoded in groups of about this size: less memory, and faster
@@ -76,21 +75,9 @@ class WordEncoder:
     def encode_utf8(self, data: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids of all rows concatenated, ids per row) of rows given as UTF-8 bytes and row offsets, split and
         looked up with numpy: Python works once per new distinct word, not once per word (wordsplit.py)."""
-        import pandas as pd
-
         if len(self._len) > WORD_CACHE:
             self._reset()
-        starts = word_starts(data, offsets)
-        lengths = np.diff(np.append(starts, len(data)))
-        key, low, high = word_keys(data, starts, lengths)
-        keyed = np.flatnonzero(lengths <= MAX_KEYED)
-        codes, uniques = pd.factorize(key[keyed])
-        first = np.empty(len(uniques), np.int64)  # a word of each distinct key, to stand for it
-        first[codes] = keyed
-        # Words whose hash another word of the batch, or a known word, shares go to the lookup by text.
-        hashed = np.flatnonzero(key[keyed] >= HASHED)
-        rep, word = first[codes[hashed]], keyed[hashed]
-        clash_words = word[(low[rep] != low[word]) | (high[rep] != high[word]) | (lengths[rep] != lengths[word])]
+        starts, lengths, low, high, keyed, codes, uniques, first, same = distinct_words(data, offsets)
         if len(self._keys):
             at = np.minimum(np.searchsorted(self._keys, uniques), len(self._keys) - 1)
             found = self._keys[at] == uniques
@@ -114,8 +101,8 @@ class WordEncoder:
             self._key_len = np.insert(self._key_len, where, lengths[first[order]])
         idx = np.full(len(starts), -1, np.int64)
         idx[keyed] = rows[codes]
-        idx[keyed[clash[codes]]] = -1
-        idx[clash_words] = -1
+        # Words whose hash another word of the batch, or a known word, shares go to the lookup by text.
+        idx[keyed[clash[codes] | ~same]] = -1
         rest = np.flatnonzero(idx < 0)  # longer words, and any whose hash clashed
         if len(rest):
             idx[rest] = self._rows_of([text[a: a + n] for a, n in zip(starts[rest].tolist(), lengths[rest].tolist())])

@@ -47,23 +47,14 @@ def byte_level(word: str) -> str:
 
 def count_words(batches: Iterable[list[str]]) -> Counter:
     """Occurrences of each GPT-2 word of the texts (words as they are, not byte-level)."""
-    import pandas as pd
     import pyarrow as pa
 
-    from flows.wordsplit import MAX_KEYED, utf8_buffers, word_keys, word_starts
+    from flows.wordsplit import MAX_KEYED, distinct_words, utf8_buffers
 
     counts: Counter = Counter()
     for texts in batches:
         data, offsets = utf8_buffers(pa.array(texts, pa.large_string()))
-        starts = word_starts(data, offsets)
-        lengths = np.diff(np.append(starts, len(data)))
-        key, low, high = word_keys(data, starts, lengths)
-        keyed = np.flatnonzero(lengths <= MAX_KEYED)
-        codes, uniques = pd.factorize(key[keyed])
-        first = np.empty(len(uniques), np.int64)
-        first[codes] = keyed
-        rep = first[codes]
-        same = (low[rep] == low[keyed]) & (high[rep] == high[keyed]) & (lengths[rep] == lengths[keyed])
+        starts, lengths, _, _, keyed, codes, uniques, first, same = distinct_words(data, offsets)
         per_key = np.bincount(codes[same], minlength=len(uniques))
         text = data.tobytes()
         for s, n, c in zip(starts[first].tolist(), lengths[first].tolist(), per_key.tolist()):

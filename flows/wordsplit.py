@@ -25,6 +25,8 @@ check it against; longer words have no key.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -177,3 +179,35 @@ def word_keys(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> tupl
         mixed = (low[hashed] * _MIX) ^ ((tail ^ (tail >> np.uint64(29))) * _MIX)
         key[hashed] = (mixed ^ (mixed >> np.uint64(31))) | HASHED
     return key, low, high
+
+
+class Words(NamedTuple):
+    """The words of a batch, keyed and grouped (`distinct_words`)."""
+
+    starts: np.ndarray   # where each word starts in the batch's bytes
+    lengths: np.ndarray  # its length in bytes
+    low: np.ndarray      # word_keys' low and high
+    high: np.ndarray
+    keyed: np.ndarray    # the words with a key (up to MAX_KEYED bytes)
+    codes: np.ndarray    # per keyed word, its key's index in uniques
+    uniques: np.ndarray  # the distinct keys
+    first: np.ndarray    # per distinct key, a keyed word that stands for it
+    same: np.ndarray     # per keyed word: its bytes are its key's first word's (False: a hash clash)
+
+
+def distinct_words(data: np.ndarray, offsets: np.ndarray) -> Words:
+    """Split rows of UTF-8 (`data`, with n+1 `offsets`) into words and group those with a key by key; a
+    word whose hashed key another word shares with other bytes is marked (callers look it up by text)."""
+    import pandas as pd
+
+    starts = word_starts(data, offsets)
+    lengths = np.diff(np.append(starts, len(data)))
+    key, low, high = word_keys(data, starts, lengths)
+    keyed = np.flatnonzero(lengths <= MAX_KEYED)
+    codes, uniques = pd.factorize(key[keyed])
+    first = np.empty(len(uniques), np.int64)
+    first[codes] = keyed
+    rep = first[codes]
+    same = (low[rep] == low[keyed]) & (high[rep] == high[keyed]) & (lengths[rep] == lengths[keyed])
+    return Words(starts, lengths, low, high, keyed, codes, uniques, first, same)
+
